@@ -1,0 +1,130 @@
+"""`longctx` command line: train | data | info (eval, extend, plan, bench arrive with their issues).
+
+Errors that a user can fix (config, data, checkpoints) print one line, `error: ...`, and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0"))))
+
+
+def _user_errors():
+    from longctx.config import ConfigError
+    from longctx.train.checkpoint import CheckpointError
+    from longctx.train.trainer import TrainingError
+    return (ConfigError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def cmd_train(args) -> int:
+    from longctx.config import load_config
+    from longctx.train.trainer import train
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from longctx.train.data import prepare_token_file
+    meta = prepare_token_file(args.inputs, args.out, tokenizer=args.tokenizer, progress=not args.quiet,
+                              overwrite=args.overwrite)
+    print(f"wrote {args.out}.bin: {meta['n_tokens']:,} tokens, {meta['n_docs']:,} documents, "
+          f"vocab {meta['vocab_size']}, {meta['dtype']}")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from longctx.train.data import synthetic_text
+    text = synthetic_text(args.seed, args.chars)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}: {len(text):,} characters (seed {args.seed})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from longctx.model.mixers import MIXERS
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}, "
+          f"cpu threads {torch.get_num_threads()}")
+    for mod in ("deepspeed", "triton", "omegaconf", "mpi4py", "safetensors", "transformers"):
+        try:
+            m = __import__(mod)
+            print(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as exc:  # noqa: BLE001 - report, do not fail
+            print(f"{mod}: not available ({type(exc).__name__})")
+    print(f"mixers: {', '.join(sorted(MIXERS))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longctx", description="distributed long-context training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML config")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 model.d_model=512")
+    t.add_argument("--resume", default=None,
+                   help="'auto': continue from the newest complete checkpoint in the run dir (fresh if none); "
+                        "a checkpoint folder: continue from it; default: fresh start, refused if the run dir "
+                        "already holds checkpoints")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="prepare token files")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="text files or folders -> token file (PREFIX.bin/.docs.npy/.json)")
+    dp.add_argument("inputs", nargs="+", help="text files or folders (*.txt, *.md); one file = one document")
+    dp.add_argument("--out", required=True, help="output prefix")
+    dp.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing token file")
+    dp.add_argument("--quiet", action="store_true")
+    dp.set_defaults(func=cmd_data_prepare)
+    ds = dsub.add_parser("synth", help="write the seeded synthetic demo corpus as text")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--chars", type=int, default=4_000_000)
+    ds.add_argument("--seed", type=int, default=1234)
+    ds.set_defaults(func=cmd_data_synth)
+
+    i = sub.add_parser("info", help="versions, devices, registered mixers")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except _user_errors() as exc:
+        if os.environ.get("LONGCTX_DEBUG"):
+            raise
+        from longctx.config import ConfigError
+        from longctx.train.checkpoint import CheckpointError
+        from longctx.train.trainer import TrainingError
+        # Config, checkpoint and training errors are decided alike on every rank: say them once.
+        # Anything else may be one rank's own (a file missing on one node): that rank says it.
+        agreed = isinstance(exc, (ConfigError, CheckpointError, TrainingError))
+        if _rank() == 0 or not agreed:
+            print(f"error: {'' if _rank() == 0 else f'[rank {_rank()}] '}{exc}", file=sys.stderr)
+        code = 2
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - shutting down
+            pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Structured configuration: one schema (dataclasses), loaded from YAML, merged with
+`key=value` overrides, validated at load time.
+
+Every failure raises :class:`ConfigError` with one line naming the key, the value and the fix:
+unknown keys suggest the nearest valid name, wrong types name the expected type, and
+inconsistent values (heads vs kv heads, seq_len vs SP degree) say what would be valid.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line: what is wrong and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # None means n_heads (plain multi-head attention); fewer gives grouped-query attention.
+    n_kv_heads: Optional[int] = None
+    # None means the LLaMA rule: 8/3 * d_model rounded up to a multiple of 64.
+    ffn_hidden: Optional[int] = None
+    # Repeating per-layer pattern of mixer names (see longctx.model.mixers.MIXERS).
+    mixers: List[str] = field(default_factory=lambda: ["softmax"])
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    attn_bias: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # tokens: a token file made by `longctx data prepare`; synthetic: the seeded demo corpus,
+    # generated on first use; passkey: the landmark paper's passkey-retrieval task.
+    kind: str = "synthetic"
+    path: Optional[str] = None
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    seed: int = 1234
+    # Block attention across packed document boundaries (doc ids reach every mixer).
+    mask_documents: bool = False
+    synthetic_tokens: int = 4_000_000
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    # Sequence-parallel degree; data-parallel degree is world_size / sp.
+    sp: int = 1
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: int = 600
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 100
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    # What a non-finite loss does: stop (name the step and the last good checkpoint) or skip.
+    on_nonfinite: str = "stop"
+    log_every: int = 1
+    progress: bool = True
+    plot: bool = True
+    # Peak FLOP/s used for MFU; None measures a matmul rate at start-up.
+    peak_flops: Optional[float] = None
+    threads: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep_last: int = 3
+    save_final: bool = True
+    # Check every file's SHA-256 against the manifest before resuming.
+    verify: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # Escape hatch: raw DeepSpeed JSON keys merged last over the derived config.
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+CHOICES = {
+    "data.kind": ("tokens", "synthetic", "passkey"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _valid_keys(node_cls, prefix: str = "") -> List[str]:
+    out = []
+    for f in fields(node_cls):
+        name = f"{prefix}{f.name}"
+        out.append(name)
+        typ = _default(f)
+        if is_dataclass(typ):
+            out.extend(_valid_keys(type(typ), name + "."))
+    return out
+
+
+def _suggest(key: str) -> str:
+    keys = _valid_keys(Config)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # try the last component against every last component
+        last = key.split(".")[-1]
+        tails = {k.split(".")[-1]: k for k in keys}
+        m = difflib.get_close_matches(last, list(tails), n=1, cutoff=0.6)
+        close = [tails[m[0]]] if m else []
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(k for k in keys if '.' not in k)}"
+
+
+def _full_key(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    return str(key)
+
+
+def _rewrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = _full_key(exc)
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
+        return ConfigError(f"{source}: unknown config key '{key}': {_suggest(key)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {str(exc).splitlines()[0]} (key '{key}')")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value (for example train.steps=200)")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    try:  # YAML typing, as on the command line of other OmegaConf tools: 3, 1e-3, true, [a, b], null
+        value = OmegaConf.to_container(OmegaConf.create(f"v: {raw}"))["v"]
+    except Exception:
+        value = raw
+    return key, value
+
+
+def _check_known(d: Any, cls, prefix: str, source: str) -> None:
+    if not isinstance(d, dict):
+        return
+    by_name = {f.name: f for f in fields(cls)}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k not in by_name:
+            raise ConfigError(f"{source}: unknown config key '{key}': {_suggest(key)}")
+        f = by_name[k]
+        sub = _default(f)
+        if is_dataclass(sub):
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping of keys, got {v!r}")
+            _check_known(v, type(sub), key + ".", source)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> DictConfig:
+    """Load a YAML config over the schema defaults, apply `key=value` overrides, validate.
+
+    Raises ConfigError (one line: key, value, fix) on any problem.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file '{path}' does not exist (see configs/ for examples)")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as exc:  # YAML syntax
+            raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping with sections {', '.join(f.name for f in fields(Config))}")
+        _check_known(raw, Config, "", path)
+        layers.append((path, raw))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        nested: Dict[str, Any] = {}
+        cur = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        _check_known(nested, Config, "", f"override '{item}'")
+        layers.append((f"override '{item}'", nested))
+    cfg = schema
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise _rewrap(exc, source) from None
+    validate(cfg, world_size=world_size)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Consistency checks that the type system cannot express."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _need(value in allowed, f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    m, d, p, t, c = cfg.model, cfg.data, cfg.parallel, cfg.train, cfg.checkpoint
+    for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",
+                "data.seq_len", "data.micro_batch_size", "parallel.sp", "train.steps", "train.grad_accum",
+                "parallel.timeout_s", "train.log_every", "checkpoint.every"):
+        v = OmegaConf.select(cfg, key)
+        _need(v >= 1, f"{key}={v} must be >= 1")
+    _need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1 (older complete checkpoints are pruned)")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    _need(kv >= 1, f"model.n_kv_heads={kv} must be >= 1")
+    _need(m.d_model % m.n_heads == 0,
+          f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick n_heads among "
+          f"{[h for h in range(1, min(m.d_model, 128) + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0][-6:]}")
+    _need((m.d_model // m.n_heads) % 2 == 0,
+          f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE: change model.d_model or model.n_heads")
+    _need(m.n_heads % kv == 0,
+          f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}: use a divisor of n_heads "
+          f"({[h for h in range(1, m.n_heads + 1) if m.n_heads % h == 0]})")
+    _need(len(m.mixers) >= 1, "model.mixers is empty: give a pattern such as [softmax]")
+    from longctx.model.mixers import MIXERS  # local: the registry imports model code
+    for name in m.mixers:
+        _need(name in MIXERS, f"model.mixers: unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
+    _need(d.seq_len <= m.max_seq_len,
+          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or lower data.seq_len")
+    if d.kind == "tokens":
+        _need(d.path is not None, "data.kind=tokens needs data.path (a token file from `longctx data prepare`)")
+    _need(p.sp == 1 or d.seq_len % p.sp == 0,
+          f"data.seq_len={d.seq_len} is not divisible by parallel.sp={p.sp}: use a multiple of {p.sp}")
+    _need(p.sp == 1, f"parallel.sp={p.sp}: no sequence-parallel mixer is registered yet (Ulysses/ring land with "
+                      f"issue 4, lightning state passing with issue 3); use parallel.sp=1")
+    if world_size is not None:
+        _need(world_size % p.sp == 0,
+              f"world size {world_size} is not divisible by parallel.sp={p.sp}: launch a multiple of {p.sp} "
+              f"processes or set parallel.sp to a divisor of {world_size}")
+    _need(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2=({t.beta1}, {t.beta2}) must be in [0, 1)")
+    ds = cfg.deepspeed
+    _need(not ds.offload_optimizer or ds.zero_stage >= 1,
+          f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
+    _need(not ds.offload_param or ds.zero_stage == 3,
+          f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+
+
+def deepspeed_config(cfg: DictConfig, dp_size: int) -> Dict[str, Any]:
+    """Derive the DeepSpeed JSON from our config; `deepspeed.raw` is merged last (escape hatch)."""
+    t, ds = cfg.train, cfg.deepspeed
+    zero: Dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        # Contiguous, deterministic reduction keeps resumed runs bit-identical.
+        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    out: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
+                       # torch's AdamW unless offloaded (then DeepSpeed's CPU Adam, compiled on first use)
+                       "torch_adam": not ds.offload_optimizer},
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        out["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return _deep_merge(out, OmegaConf.to_container(ds.raw, resolve=True) or {})
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_signature(cfg: DictConfig) -> Dict[str, Any]:
+    """The part of the config a checkpoint's tensors depend on (compared on resume)."""
+    return OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_json(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)

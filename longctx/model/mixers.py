@@ -1,0 +1,33 @@
+"""Registry of sequence mixers. A mixer is an nn.Module built as `cls(cfg, layer_idx)` with
+`forward(x_BLD, ctx) -> y_BLD`. New mixers register here by name and need no change to the
+block code; the model config picks one per layer with a repeating pattern.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+MIXERS: Dict[str, Callable] = {}
+
+
+def register_mixer(name: str):
+    def deco(cls):
+        if name in MIXERS and MIXERS[name] is not cls:
+            raise ValueError(f"mixer '{name}' is already registered by {MIXERS[name].__module__}")
+        MIXERS[name] = cls
+        return cls
+    return deco
+
+
+def layer_mixers(pattern: List[str], n_layers: int) -> List[str]:
+    """Expand a repeating pattern to one mixer name per layer: [a, b] over 5 layers -> a b a b a."""
+    return [pattern[i % len(pattern)] for i in range(n_layers)]
+
+
+def build_mixer(name: str, cfg, layer_idx: int):
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
+    return MIXERS[name](cfg, layer_idx)
+
+
+# Importing the modules registers their mixers.
+from longctx.model import softmax as _softmax  # noqa: E402,F401

@@ -1,0 +1,156 @@
+"""Decoder language model: embedding -> N blocks -> RMSNorm -> head.
+
+A block is `x + mixer(norm(x), ctx)` then `x + mlp(norm(x))`; the mixer of each layer comes
+from the registry (model/mixers.py) by a repeating pattern, so new mixers need no change here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from longctx.model.layers import RMSNorm, SwiGLU, llama_ffn_hidden
+from longctx.model.mixers import build_mixer, layer_mixers
+from longctx.model.rope import rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class SeqContext:
+    """What a mixer needs to stay correct under sharding and streaming.
+
+    positions: (B, L) global position ids of this rank's tokens.
+    doc_ids:   (B, L) document index per token, or None (one document / no masking).
+    sp:        sequence-parallel handle (group, rank, size, layout) or None.
+    state:     carried per-layer state for streaming (memory weights, recurrent state, caches).
+    """
+    positions: torch.Tensor
+    doc_ids: Optional[torch.Tensor] = None
+    sp: Any = None
+    state: Dict[str, Any] = field(default_factory=dict)
+    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def rope(self, head_dim: int, theta: float, dtype: torch.dtype):
+        """cos, sin (B, 1, L, head_dim), computed once per step and shared by all layers."""
+        key = ("rope", head_dim, float(theta), dtype)
+        if key not in self._cache:
+            inv = rope_inv_freq(head_dim, theta, device=self.positions.device)
+            self._cache[key] = rope_cos_sin(self.positions, inv, dtype)
+        return self._cache[key]
+
+    def causal_doc_mask(self) -> Optional[torch.Tensor]:
+        """(B, 1, L, L) boolean mask, True where attention is allowed: causal and same document."""
+        if self.doc_ids is None:
+            return None
+        if "docmask" not in self._cache:
+            d = self.doc_ids
+            L = d.shape[1]
+            causal = torch.ones(L, L, dtype=torch.bool, device=d.device).tril()
+            self._cache["docmask"] = (causal & (d[:, :, None] == d[:, None, :]))[:, None]
+        return self._cache["docmask"]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx: int, mixer: str):
+        super().__init__()
+        self.mixer_name = mixer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(mixer, cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden or llama_ffn_hidden(cfg.d_model))
+
+    def forward(self, x_BLD: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        x = x_BLD + self.mixer(self.attn_norm(x_BLD), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        names = layer_mixers(list(cfg.mixers), cfg.n_layers)
+        self.layers = nn.ModuleList(Block(cfg, i, n) for i, n in enumerate(names))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = bool(cfg.activation_checkpointing)
+        self.reset_parameters(cfg.init_std, cfg.n_layers)
+
+    def reset_parameters(self, std: float, n_layers: int) -> None:
+        """Normal(0, std) everywhere; output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            nn.init.normal_(p, 0.0, s)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def hidden(self, input_ids_BL: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        """Final-norm hidden states (B, L, D)."""
+        x = self.embed(input_ids_BL)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        return self.norm(x)
+
+    def forward(self, input_ids_BL: torch.Tensor, ctx: Optional[SeqContext] = None,
+                labels_BL: Optional[torch.Tensor] = None):
+        """Logits (B, L, V) without labels; with labels, (sum of token cross-entropies, number
+        of target tokens), labels -100 ignored.
+
+        The sum and the count (not the mean) let the trainer form the exact global mean over
+        data- and sequence-parallel ranks and micro-batches. Training goes through forward (not
+        another method) so that ZeRO-3's parameter-gathering hooks see every use."""
+        if ctx is None:
+            ctx = default_context(input_ids_BL)
+        h = self.hidden(input_ids_BL, ctx)
+        logits = F.linear(h, self.head_weight)
+        if labels_BL is None:
+            return logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: fp32 loss
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels_BL.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return loss, (labels_BL != -100).sum()
+
+
+def default_context(input_ids_BL: torch.Tensor) -> SeqContext:
+    B, L = input_ids_BL.shape
+    pos = torch.arange(L, device=input_ids_BL.device).expand(B, L)
+    return SeqContext(positions=pos)
+
+
+def count_params(model: nn.Module) -> Dict[str, int]:
+    """Parameter counts: total, embedding, and the matmul parameters that drive FLOPs."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.embed.weight.numel()
+    head = 0 if model.head is None else model.head.weight.numel()
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() < 2)
+    matmul = total - emb - head - norms + model.embed.weight.numel()  # the head matmul always runs
+    return {"total": total, "embedding": emb, "matmul": matmul}
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting:
+    6 * matmul params + causal attention 6 * n_layers * seq_len * d_model (QK^T and AV, half
+    of the square for causal). Mixers other than softmax override their layer's share later."""
+    d, L = cfg.d_model, cfg.n_layers
+    hd = d // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * hd
+    ffn = cfg.ffn_hidden or llama_ffn_hidden(d)
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * ffn
+    matmul = L * per_layer + d * cfg.vocab_size
+    # forward per token and layer: QK^T and AV are 2*T*d each over all heads, halved by causality
+    attn_fwd = L * (2 * seq_len * d + 2 * seq_len * d) * 0.5
+    return 6.0 * matmul + 3.0 * attn_fwd

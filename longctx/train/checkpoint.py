@@ -1,0 +1,238 @@
+"""Sharded checkpoints that count only when complete.
+
+Layout of `<run_dir>/checkpoints/`:
+
+    step_00000050/            one checkpoint (a DeepSpeed tag)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's ZeRO shards
+        rng_rank00000.pt ...                           every rank's RNG states
+        longctx.json                                   step, tokens, sampler, config, world
+        MANIFEST.json                                  SHA-256 of every file above, written last
+    latest                                             name of the newest complete checkpoint
+
+Order of a save: every rank writes its shards and RNG file -> barrier -> rank 0 hashes the
+folder, writes MANIFEST.json, then `latest` (each write: temp file, fsync, rename, fsync of the
+folder) -> barrier. A folder without a manifest (a save killed midway) is never resumed from.
+Assumes a file system shared by all ranks, as DeepSpeed does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "MANIFEST.json"
+META = "longctx.json"
+LATEST = "latest"
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing, incomplete, corrupt, or from another model)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> Optional[int]:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write, fsync, rename over, fsync the folder: readers see the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> List[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), folder)
+            if rel != MANIFEST and not os.path.basename(rel).startswith("."):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(folder: str) -> Dict[str, str]:
+    files = {rel: sha256_file(os.path.join(folder, rel)) for rel in _files(folder)}
+    atomic_write(os.path.join(folder, MANIFEST), json.dumps({"files": files}, indent=1).encode())
+    return files
+
+
+def check_complete(folder: str, verify: bool) -> Optional[str]:
+    """None if `folder` is a complete checkpoint, else the reason it is not."""
+    man = os.path.join(folder, MANIFEST)
+    if not os.path.exists(man):
+        return "no MANIFEST.json (the save did not finish)"
+    try:
+        files = json.load(open(man))["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable MANIFEST.json ({exc})"
+    for rel, digest in files.items():
+        path = os.path.join(folder, rel)
+        if not os.path.exists(path):
+            return f"file {rel} listed in the manifest is missing"
+        if verify and sha256_file(path) != digest:
+            return f"file {rel} does not match its SHA-256 in the manifest (corrupt)"
+    return None
+
+
+def list_checkpoints(root: str) -> List[str]:
+    """Checkpoint folders under root, newest step first (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    tags = [t for t in os.listdir(root) if step_of(t) is not None and os.path.isdir(os.path.join(root, t))]
+    return [os.path.join(root, t) for t in sorted(tags, key=step_of, reverse=True)]
+
+
+def newest_complete(root: str, verify: bool) -> Optional[str]:
+    """The newest checkpoint folder with a valid manifest; incomplete ones are skipped."""
+    for folder in list_checkpoints(root):
+        if check_complete(folder, verify) is None:
+            return folder
+    return None
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tag = tag_for(step)
+    folder = os.path.join(root, tag)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(folder):
+            if check_complete(folder, verify=False) is None:
+                # Resume logic refuses to run behind a newer complete checkpoint, so this
+                # only happens on a repeated save of the same step: keep the first one.
+                raise CheckpointError(f"checkpoint {folder} already exists and is complete; refusing to overwrite it")
+            shutil.rmtree(folder)  # leftovers of a save killed midway
+    _barrier()
+    engine.save_checkpoint(root, tag=tag, client_state={"longctx_step": step}, save_latest=False)
+    torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
+    if rank == 0:
+        atomic_write(os.path.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
+    _barrier()
+    if rank == 0:
+        write_manifest(folder)
+        atomic_write(os.path.join(root, LATEST), (tag + "\n").encode())
+        prune(root, keep_last)
+    _barrier()
+    return folder
+
+
+def prune(root: str, keep_last: int) -> List[str]:
+    """Delete all but the newest `keep_last` complete checkpoints, and incomplete folders older
+    than the newest complete one. Returns what was deleted."""
+    folders = list_checkpoints(root)
+    complete = [f for f in folders if check_complete(f, verify=False) is None]
+    keep = set(complete[:keep_last])
+    newest = step_of(os.path.basename(complete[0])) if complete else None
+    removed = []
+    for f in folders:
+        s = step_of(os.path.basename(f))
+        if f in keep or (f not in complete and (newest is None or s > newest)):
+            continue
+        shutil.rmtree(f, ignore_errors=True)
+        removed.append(f)
+    return removed
+
+
+def resolve_resume(root: str, resume: Optional[str], verify: bool) -> Optional[str]:
+    """Turn `--resume` into a checkpoint folder (or None for a fresh start).
+
+    resume: None / "none" -> fresh start, refused if root already holds checkpoints (nothing
+    saved is overwritten); "auto" -> the newest complete checkpoint, fresh if there is none;
+    a path -> that checkpoint folder, which must be complete and the newest.
+    """
+    existing = list_checkpoints(root)
+    if resume in (None, "none"):
+        if existing:
+            raise CheckpointError(
+                f"{root} already holds checkpoints ({os.path.basename(existing[0])} newest): pass "
+                f"--resume auto to continue that run, or set train.run_dir to a new folder")
+        return None
+    if resume == "auto":
+        return newest_complete(root, verify)
+    folder = resume
+    if os.path.isdir(folder) and os.path.exists(os.path.join(folder, LATEST)):
+        tag = open(os.path.join(folder, LATEST)).read().strip()
+        folder = os.path.join(folder, tag)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder (expected .../checkpoints/step_NNNNNNNN)")
+    why = check_complete(folder, verify)
+    if why:
+        raise CheckpointError(f"--resume {resume}: checkpoint is not usable: {why}")
+    newest = newest_complete(os.path.dirname(os.path.abspath(folder)), verify=False)
+    if newest and os.path.abspath(newest) != os.path.abspath(folder) and \
+            os.path.dirname(os.path.abspath(folder)) == os.path.abspath(root):
+        raise CheckpointError(
+            f"--resume {resume}: a newer checkpoint {os.path.basename(newest)} exists in {root} and would be "
+            f"overwritten; resume from it (--resume auto) or use a new train.run_dir")
+    return folder
+
+
+def read_meta(folder: str) -> Dict[str, Any]:
+    return json.load(open(os.path.join(folder, META)))
+
+
+def load(engine, folder: str) -> Dict[str, Any]:
+    """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG states.
+    Returns the longctx meta (step, tokens, sampler state, config)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root, tag = os.path.split(os.path.abspath(folder))
+    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {folder}")
+    rng_file = os.path.join(folder, f"rng_rank{rank:05d}.pt")
+    if not os.path.exists(rng_file):
+        raise CheckpointError(f"{folder} has no RNG state for rank {rank} (saved with fewer ranks?)")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_meta(folder)

@@ -1,0 +1,255 @@
+"""The training loop: a DeepSpeed engine (ZeRO 0-3, optional offload) driven step by step.
+
+One optimizer step = `grad_accum` micro-batches on each of the dp x sp ranks. The loss each
+rank backpropagates is its token-sum scaled so that the gradient DeepSpeed ends with (averaged
+over ranks and micro-batches) is the gradient of the global token mean, exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from longctx.config import ConfigError, deepspeed_config, model_signature, to_yaml, validate
+from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
+from longctx.parallel.groups import build_mesh, init_distributed
+from longctx.train import checkpoint as ckpt
+from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, unusable checkpoint, incompatible resume)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    first_step: int
+    last_step: int
+    losses: List[float]
+
+
+def lr_lambda(cfg: DictConfig):
+    """Linear warmup to train.lr, then cosine to train.lr * min_lr_ratio at train.steps."""
+    t = cfg.train
+    warm, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """No weight decay on norms, biases and other vectors (the usual LLaMA recipe)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _quiet_deepspeed() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _allreduce(values: List[float], device) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, folder: str) -> None:
+    saved = meta.get("model", {})
+    now = model_signature(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        pairs = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diff[:4])
+        raise TrainingError(f"checkpoint {folder} was saved by another model config ({pairs}); "
+                            f"use the config it was trained with or a new train.run_dir")
+    if meta.get("world_size") != world and cfg.deepspeed.zero_stage >= 1:
+        raise TrainingError(
+            f"checkpoint {folder} holds ZeRO-{cfg.deepspeed.zero_stage} shards of {meta.get('world_size')} ranks "
+            f"but this run has {world}: relaunch with {meta.get('world_size')} processes "
+            f"(resharding to another world size is not supported yet)")
+    if meta.get("zero_stage") != cfg.deepspeed.zero_stage:
+        raise TrainingError(f"checkpoint {folder} was saved with deepspeed.zero_stage={meta.get('zero_stage')} "
+                            f"but the config says {cfg.deepspeed.zero_stage}: use the same stage to resume")
+    for key in ("seed", "seq_len", "kind"):
+        if meta.get("data", {}).get(key) != cfg.data[key]:
+            raise TrainingError(f"checkpoint {folder} was saved with data.{key}={meta['data'].get(key)!r} but the "
+                                f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
+
+
+def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
+    """Run (or resume) training as configured. Every rank calls this."""
+    _quiet_deepspeed()
+    import deepspeed  # after DS_ACCELERATOR is set
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    from longctx.train.data import make_sampler
+
+    launcher = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    validate(cfg, world_size=world)
+    mesh = build_mesh(cfg.parallel.sp)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by every launcher we support
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+    t, c = cfg.train, cfg.checkpoint
+    run_dir = os.path.abspath(t.run_dir)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    # Decide the resume point on rank 0 and share it, so all ranks agree even mid-write.
+    decision: List[Any] = [None, None]
+    if rank == 0:
+        try:
+            decision[0] = ckpt.resolve_resume(ckpt_root, resume, c.verify)
+        except ckpt.CheckpointError as exc:
+            decision[1] = str(exc)
+    dist.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        raise TrainingError(decision[1])
+    resume_folder = decision[0]
+    if resume == "auto" and resume_folder is None:
+        _log0(f"--resume auto: no complete checkpoint in {ckpt_root}; starting fresh")
+
+    # Data: each rank reads only its own samples (and its own sequence shard).
+    sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp)
+    if vocab_needed > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({vocab_needed} ids): set model.vocab_size >= {vocab_needed}")
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = DecoderLM(cfg.model)
+    if cfg.model.tie_embeddings and cfg.deepspeed.zero_stage == 3:
+        # the head reuses embed.weight outside the embedding's forward: tell ZeRO-3 to gather it
+        deepspeed.zero.register_external_parameter(model, model.embed.weight)
+    ds_cfg = deepspeed_config(cfg, dp_size=world)
+    sched_fn = lr_lambda(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), dist_init_required=False)
+
+    # Per-rank RNG streams differ (seeded by rank) for anything stochastic in the step.
+    torch.manual_seed(t.seed + 1 + rank)
+    start_step, tokens_seen = 0, 0
+    if resume_folder is not None:
+        meta = ckpt.read_meta(resume_folder)
+        _check_resume_compatible(meta, cfg, world, resume_folder)
+        meta = ckpt.load(engine, resume_folder)
+        start_step, tokens_seen = meta["step"], meta["tokens"]
+        sampler.load_state_dict(meta["sampler"])
+        _log0(f"resumed from {resume_folder} at step {start_step}")
+
+    log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"))
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), to_yaml(cfg).encode())
+        dropped = log.truncate_after(start_step)
+        if dropped:
+            _log0(f"metrics.jsonl: dropped {dropped} records past step {start_step} (they will be re-run)")
+
+    # MFU ceiling: each rank's measured matmul rate, summed over ranks.
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+    peak = t.peak_flops * world if t.peak_flops else _allreduce([measure_matmul_flops(device, dtype, seconds=0.5)], device)[0]
+    seq_len, mb, ga = cfg.data.seq_len, cfg.data.micro_batch_size, t.grad_accum
+    tokens_per_step = seq_len * mb * ga * mesh.dp
+    fpt = flops_per_token(cfg.model, seq_len)
+    params = count_params(model)
+    _log0(f"longctx: {launcher} launch, world {world} (dp {mesh.dp} x sp {mesh.sp}), {device.type}, "
+          f"ZeRO-{cfg.deepspeed.zero_stage}, {params['total'] / 1e6:.2f}M params, "
+          f"{tokens_per_step} tokens/step, steps {start_step}->{t.steps}, run dir {run_dir}")
+
+    bar = None
+    if rank == 0 and t.progress and start_step < t.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    last_good = resume_folder
+    losses: List[float] = []
+    engine.train()
+    t_last = time.perf_counter()
+    for step in range(start_step, t.steps):
+        batches = [sampler.batch(step, micro=m, grad_accum=ga) for m in range(ga)]
+        n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_global = _allreduce([n_local], device)[0]
+        if n_global == 0:
+            raise TrainingError(f"step {step}: the batch has no target tokens (all labels are -100)")
+        loss_sum_local, skipped = 0.0, False
+        for b in batches:
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None)
+            loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
+            # Agree across ranks before backward: every rank stops or skips together.
+            bad = _allreduce([0.0 if torch.isfinite(loss_sum.detach()) else 1.0], device)[0]
+            if bad:
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
+                if t.on_nonfinite == "stop":
+                    raise TrainingError(f"non-finite loss at step {step} ({where}); resume with --resume auto after "
+                                        f"lowering train.lr, or set train.on_nonfinite=skip")
+                _log0(f"warning: non-finite loss at step {step}; skipping the step (train.on_nonfinite=skip)")
+                skipped = True
+                break
+            # DeepSpeed divides by grad_accum and averages over the world: undo both so the
+            # result is d(sum of all ranks' token losses / n_global).
+            engine.backward(loss_sum * (world * ga / n_global))
+            engine.step()
+            loss_sum_local += float(loss_sum.detach())
+        sampler.advance(step + 1)
+        if skipped:
+            if ga > 1:
+                raise TrainingError(f"non-finite loss at step {step} inside gradient accumulation: skipping needs "
+                                    f"train.grad_accum=1 (partial gradients are already accumulated)")
+            continue
+        loss = _allreduce([loss_sum_local], device)[0] / n_global
+        losses.append(loss)
+        tokens_seen += tokens_per_step
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+            gn = engine.get_global_grad_norm()
+            tps = tokens_per_step / dt
+            rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
+                   "tokens_per_s": tps, "mfu": fpt * tps / peak, "step_s": dt,
+                   "grad_norm": float(gn) if gn is not None else None, **device_memory(device)}
+            log.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        done = step + 1
+        if done % c.every == 0 or (done == t.steps and c.save_final):
+            meta = {"step": done, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
+                    "zero_stage": cfg.deepspeed.zero_stage, "model": model_signature(cfg),
+                    "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind")},
+                    "config": OmegaConf.to_container(cfg, resolve=True)}
+            last_good = ckpt.save(engine, ckpt_root, done, meta, c.keep_last)
+            if rank == 0 and t.plot:
+                plot_loss(read_jsonl(log.path), os.path.join(run_dir, "loss.png"), title=os.path.basename(run_dir))
+            t_last = time.perf_counter()  # keep checkpoint time out of tokens/s
+    if bar is not None:
+        bar.close()
+    if rank == 0 and t.plot and os.path.exists(log.path):
+        plot_loss(read_jsonl(log.path), os.path.join(run_dir, "loss.png"), title=os.path.basename(run_dir))
+    if losses:
+        _log0(f"done: step {t.steps}, loss {losses[0]:.4f} -> {losses[-1]:.4f}; run dir {run_dir}")
+    return TrainResult(run_dir, start_step, t.steps, losses)
