@@ -1,0 +1,123 @@
+"""The passkey-retrieval task of the landmark-attention paper (Mohtashami & Jaggi, 2023).
+
+A prompt hides one "pass key" sentence inside repeated filler text at a chosen relative depth
+and ends with a question; a model that attends over the whole context answers with the key.
+The scorer reads the first integer of the generated text, as the paper's evaluation does.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Tuple
+
+import numpy as np
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. "
+    "Find it and memorize them. I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_SENTENCE = "The pass key is {N}. Remember it. {N} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+PASSKEY_MIN = 1
+PASSKEY_MAX = 50000
+
+_INT_RE = re.compile(r"\d+")
+
+
+def _check_depth(depth: float) -> float:
+    """Return `depth` as float; ValueError unless it lies in [0, 1]."""
+    depth = float(depth)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} is outside [0, 1]: pass the key's relative position, "
+                         f"0 = right after the instruction, 1 = right before the question")
+    return depth
+
+
+def _draw_passkey(rng: np.random.Generator) -> int:
+    """One passkey, uniform in PASSKEY_MIN..PASSKEY_MAX inclusive."""
+    return int(rng.integers(PASSKEY_MIN, PASSKEY_MAX + 1))
+
+
+def build_prompt(passkey: int, n_filler: int, depth: float) -> str:
+    """The prompt text for a given key: instruction, fillers with the key sentence after
+    round(depth * n_filler) of them, then the question; all parts joined by single spaces."""
+    if n_filler < 0:
+        raise ValueError(f"n_filler={n_filler} is negative: pass a count >= 0")
+    depth = _check_depth(depth)
+    n_before = int(round(depth * n_filler))
+    parts = [INSTRUCTION]
+    parts += [FILLER] * n_before
+    parts.append(KEY_SENTENCE.format(N=passkey))
+    parts += [FILLER] * (n_filler - n_before)
+    parts.append(QUESTION)
+    return " ".join(parts)
+
+
+def passkey_prompt(rng: np.random.Generator, n_filler: int, depth: float) -> Tuple[str, int]:
+    """Draw a passkey from `rng` and build its prompt.
+
+    Returns (prompt_text, passkey); the answer the model should continue with is " {passkey}".
+    """
+    depth = _check_depth(depth)
+    passkey = _draw_passkey(rng)
+    return build_prompt(passkey, n_filler, depth), passkey
+
+
+def _n_tokens(tokenizer, passkey: int, n_filler: int, depth: float) -> int:
+    """Tokens needed for prompt + answer with `n_filler` fillers.
+
+    Both the joint encoding and the separate prompt/answer encodings are counted (their max),
+    because the sampler concatenates the separate ones and a subword tokenizer may merge
+    differently across the boundary.
+    """
+    prompt = build_prompt(passkey, n_filler, depth)
+    answer = " " + str(passkey)
+    joint = len(tokenizer.encode(prompt + answer))
+    separate = len(tokenizer.encode(prompt)) + len(tokenizer.encode(answer))
+    return max(joint, separate)
+
+
+def _max_fillers(tokenizer, passkey: int, length: int, depth: float) -> int:
+    """Largest n_filler whose prompt + answer fits in `length` tokens (>= 0; caller checks 0)."""
+    fits = lambda n: _n_tokens(tokenizer, passkey, n, depth) <= length  # noqa: E731
+    # Start from an estimate (tokens per filler) so the doubling/bisection needs few encodes.
+    per_filler = max(1, len(tokenizer.encode(" " + FILLER)))
+    lo, hi = 0, max(1, length // per_filler)
+    while fits(hi):  # grow until hi does not fit; lo always fits
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def passkey_sample(tokenizer, rng: np.random.Generator, length: int, depth: float) -> dict:
+    """One passkey example filling at most `length` tokens (prompt + answer).
+
+    Uses the largest filler count that fits. Returns
+    {"prompt_ids": int64 (Lp,), "answer_ids": int64 (La,) = tokens of " {passkey}",
+     "passkey": int, "depth": float}, with Lp + La <= length.
+    """
+    depth = _check_depth(depth)
+    passkey = _draw_passkey(rng)
+    if _n_tokens(tokenizer, passkey, 0, depth) > length:
+        need = _n_tokens(tokenizer, passkey, 0, depth)
+        raise ValueError(f"length={length} cannot hold a passkey prompt even with zero fillers "
+                         f"({need} tokens needed): use length >= {need}")
+    n_filler = _max_fillers(tokenizer, passkey, length, depth)
+    prompt = build_prompt(passkey, n_filler, depth)
+    return {
+        "prompt_ids": np.asarray(tokenizer.encode(prompt), dtype=np.int64),
+        "answer_ids": np.asarray(tokenizer.encode(" " + str(passkey)), dtype=np.int64),
+        "passkey": passkey,
+        "depth": depth,
+    }
+
+
+def first_integer(text: str) -> Optional[int]:
+    """The first run of digits in `text` as an int (the paper's scorer), or None if none."""
+    match = _INT_RE.search(text)
+    return int(match.group()) if match else None

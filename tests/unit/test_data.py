@@ -1,0 +1,388 @@
+"""Tests for longctx.train.data (tokenizers, token files, samplers) and longctx.eval.passkey."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from longctx.eval import passkey as pk
+from longctx.train import data as D
+
+TOK = D.ByteTokenizer()
+KEYS = ("input_ids", "labels", "positions", "doc_ids")
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A token file of many short documents of varied length (prefix, list of texts)."""
+    rng = np.random.default_rng(0)
+    texts = []
+    for i in range(60):
+        n = int(rng.integers(1, 40))
+        texts.append("".join(chr(97 + int(c)) for c in rng.integers(0, 26, n)))
+    for i, t in enumerate(texts):
+        _write(str(tmp_path / "in" / f"doc{i:03d}.txt"), t)
+    prefix = str(tmp_path / "out" / "corpus")
+    D.prepare_token_file([str(tmp_path / "in")], prefix, progress=False)
+    return prefix, texts
+
+
+def _sampler(prefix, **kw):
+    args = dict(seq_len=16, micro_batch_size=4, seed=7)
+    args.update(kw)
+    return D.PackedSampler(prefix, **args)
+
+
+# ------------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip_non_ascii():
+    text = "héllo wörld — 日本語 🚀\n"
+    ids = TOK.encode(text)
+    assert ids.dtype == np.int64
+    assert len(ids) == len(text.encode("utf-8")) > len(text)
+    assert TOK.decode(ids) == text
+
+
+def test_byte_tokenizer_decode_drops_specials_and_replaces_bad_bytes():
+    ids = np.concatenate([TOK.encode("ab"), [TOK.eos_id, TOK.pad_id, TOK.landmark_id], [0xFF]])
+    assert TOK.decode(ids) == "ab\ufffd"
+    assert (TOK.eos_id, TOK.pad_id, TOK.landmark_id, TOK.vocab_size) == (256, 257, 258, 259)
+
+
+def test_load_tokenizer_missing_path():
+    assert D.load_tokenizer("byte").name == "byte"
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        D.load_tokenizer("nope.json")
+
+
+def test_hf_tokenizer_without_package_names_pip(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        D.HFTokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_hf_tokenizer_round_trip(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers, decoders
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([D.synthetic_text(0, 20000)], trainer)
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    hf = D.load_tokenizer(path)
+    assert hf.eos_id == tok.token_to_id("</s>")
+    assert hf.landmark_id == hf.vocab_size - 1
+    assert hf.decode(hf.encode("The old farmer sees a dog.")) == "The old farmer sees a dog."
+
+
+# ------------------------------------------------------------------------------- token files
+
+
+def test_prepare_round_trip(tmp_path):
+    _write(str(tmp_path / "in" / "b.txt"), "second doc")
+    _write(str(tmp_path / "in" / "a" / "z.md"), "first: é")
+    _write(str(tmp_path / "in" / "skip.json"), "{}")  # not *.txt / *.md: ignored
+    _write(str(tmp_path / "extra.dat"), "third")  # named explicitly: included
+    prefix = str(tmp_path / "tok")
+    meta = D.prepare_token_file([str(tmp_path / "in"), str(tmp_path / "extra.dat")], prefix,
+                                progress=False)
+    docs = ["first: é", "second doc", "third"]  # sorted paths: in/a/z.md < in/b.txt
+    expected = np.concatenate([np.append(TOK.encode(d), TOK.eos_id) for d in docs])
+
+    tf = D.TokenFile(prefix, verify=True)
+    assert tf.tokens.dtype == np.uint16 and meta["dtype"] == "uint16"
+    assert os.path.getsize(prefix + ".bin") == 2 * len(expected)
+    assert np.array_equal(tf.read(0, tf.n_tokens), expected)
+    lengths = [len(TOK.encode(d)) + 1 for d in docs]
+    assert tf.doc_starts.tolist() == [0, lengths[0], lengths[0] + lengths[1]]
+    assert (tf.n_tokens, tf.eos_id, tf.vocab_size) == (len(expected), 256, 259)
+    assert meta == json.load(open(prefix + ".json"))
+    assert meta["format"] == "longctx-tokens-v1" and meta["n_docs"] == 3
+    assert np.array_equal(tf.read(3, 7), expected[3:7]) and tf.read(3, 7).dtype == np.int64
+    with pytest.raises(ValueError, match="outside"):
+        tf.read(0, tf.n_tokens + 1)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no temporaries left
+
+
+def test_prepare_refuses_no_inputs_and_overwrite(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no input files"):
+        D.prepare_token_file([str(tmp_path / "empty")], str(tmp_path / "t"), progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        D.prepare_token_file([str(tmp_path / "missing.txt")], str(tmp_path / "t"), progress=False)
+
+    _write(str(tmp_path / "a.txt"), "one")
+    prefix = str(tmp_path / "t")
+    D.prepare_token_file([str(tmp_path / "a.txt")], prefix, progress=False)
+    _write(str(tmp_path / "a.txt"), "longer text")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        D.prepare_token_file([str(tmp_path / "a.txt")], prefix, progress=False)
+    assert D.TokenFile(prefix).n_tokens == 4  # untouched
+    D.prepare_token_file([str(tmp_path / "a.txt")], prefix, progress=False, overwrite=True)
+    assert D.TokenFile(prefix, verify=True).n_tokens == 12
+
+
+def test_prepare_rejects_invalid_utf8(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(ValueError, match="bad.txt.*UTF-8"):
+        D.prepare_token_file([str(tmp_path / "bad.txt")], str(tmp_path / "t"), progress=False)
+    assert not os.path.exists(str(tmp_path / "t.json"))
+
+
+def test_token_file_missing_and_corrupt(corpus):
+    prefix, _ = corpus
+    with pytest.raises(FileNotFoundError, match=r"nothere\.bin.*longctx data prepare"):
+        D.TokenFile(prefix + "-nothere")
+
+    with open(prefix + ".bin", "rb") as f:
+        raw = f.read()
+    with open(prefix + ".bin", "wb") as f:  # truncated: size no longer n_tokens * 2
+        f.write(raw[:-2])
+    with pytest.raises(ValueError, match=r"corrupt.*re-run `longctx data prepare`"):
+        D.TokenFile(prefix)
+
+    flipped = bytearray(raw)
+    flipped[10] ^= 1
+    with open(prefix + ".bin", "wb") as f:  # same size, different content
+        f.write(bytes(flipped))
+    D.TokenFile(prefix)  # size check passes without verify
+    with pytest.raises(ValueError, match="sha256"):
+        D.TokenFile(prefix, verify=True)
+
+    with open(prefix + ".json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=r"corrupt.*longctx data prepare"):
+        D.TokenFile(prefix)
+    with open(prefix + ".json", "w") as f:
+        json.dump({"format": "other"}, f)
+    with pytest.raises(ValueError, match="format"):
+        D.TokenFile(prefix)
+
+
+# ------------------------------------------------------------------------------- packed sampler
+
+
+def test_packed_sampler_determinism(corpus):
+    prefix, _ = corpus
+    a, b = _sampler(prefix), _sampler(prefix)
+    b.batch(5)  # history must not matter
+    x, y = a.batch(3, micro=1, grad_accum=2), b.batch(3, micro=1, grad_accum=2)
+    for k in KEYS:
+        assert x[k].dtype == torch.int64 and x[k].shape == (4, 16)
+        assert torch.equal(x[k], y[k])
+    assert not torch.equal(a.batch(4)["input_ids"], x["input_ids"])
+    assert not torch.equal(_sampler(prefix, seed=8).batch(3, 1, 2)["input_ids"], x["input_ids"])
+
+
+def test_packed_sampler_labels_are_shifted_inputs(corpus):
+    prefix, _ = corpus
+    s = _sampler(prefix)
+    tf = D.TokenFile(prefix)
+    batch = s.batch(2)
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    for i, w in enumerate(s.windows(2)):  # and both come from window w of the stream
+        window = tf.read(w * 16, w * 16 + 17)
+        assert batch["input_ids"][i].tolist() == window[:-1].tolist()
+        assert batch["labels"][i].tolist() == window[1:].tolist()
+        assert batch["positions"][i].tolist() == list(range(16))
+
+
+def test_packed_sampler_dp_ranks_disjoint_within_epoch(corpus):
+    prefix, _ = corpus
+    ranks = [_sampler(prefix, micro_batch_size=2, dp_rank=r, dp_size=3) for r in range(3)]
+    W = ranks[0].n_windows
+    per_step = 2 * 3
+    seen = [w for step in range(W // per_step) for s in ranks for w in s.windows(step)]
+    assert len(seen) == len(set(seen))  # no window twice within the epoch
+    # A full epoch (g = 0..W-1) visits every window exactly once.
+    assert sorted(ranks[0]._permutation(0).tolist()) == list(range(W))
+    assert not np.array_equal(ranks[0]._permutation(0), ranks[0]._permutation(1))
+
+
+def test_packed_sampler_sp_shards_concat_to_full(corpus):
+    prefix, _ = corpus
+    full = _sampler(prefix).batch(1, micro=1, grad_accum=3)
+    shards = [_sampler(prefix, sp_rank=r, sp_size=4).batch(1, micro=1, grad_accum=3)
+              for r in range(4)]
+    for k in KEYS:
+        assert shards[0][k].shape == (4, 4)
+        assert torch.equal(torch.cat([s[k] for s in shards], dim=1), full[k]), k
+    with pytest.raises(ValueError, match="sp_size=3"):
+        _sampler(prefix, sp_size=3)
+
+
+def test_packed_sampler_doc_ids_step_after_eos(corpus):
+    prefix, _ = corpus
+    s = _sampler(prefix, micro_batch_size=8)
+    n_eos = 0
+    for step in range(3):
+        b = s.batch(step)
+        ids, doc = b["input_ids"].numpy(), b["doc_ids"].numpy()
+        assert (doc[:, 0] == 0).all()
+        is_eos = ids[:, :-1] == TOK.eos_id
+        step_up = np.diff(doc, axis=1)
+        assert (step_up == is_eos).all()  # +1 exactly after each eos, 0 elsewhere
+        n_eos += is_eos.sum()
+    assert n_eos > 10  # the test data really crosses documents
+
+
+def test_packed_sampler_errors_and_state(corpus):
+    prefix, _ = corpus
+    n = D.TokenFile(prefix).n_tokens
+    with pytest.raises(ValueError, match=rf"seq_len={n}.*n_tokens={n}"):
+        _sampler(prefix, seq_len=n)
+    s = _sampler(prefix)
+    s.advance(9)
+    state = s.state_dict()
+    assert state == {"seed": 7, "seq_len": 16, "consumed_steps": 10}
+    t = _sampler(prefix)
+    t.load_state_dict(state)
+    assert t.consumed_steps == 10
+    with pytest.raises(ValueError, match=r"seed=7.*seed=8"):
+        _sampler(prefix, seed=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"seq_len=16.*seq_len=8"):
+        _sampler(prefix, seq_len=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="micro=2"):
+        s.batch(0, micro=2, grad_accum=2)
+
+
+# ------------------------------------------------------------------------------- synthetic corpus
+
+
+def test_synthetic_text_deterministic_by_seed():
+    a = D.synthetic_text(3, 20000)
+    assert len(a) == 20000 and a == D.synthetic_text(3, 20000)
+    assert a != D.synthetic_text(4, 20000)
+    assert D.synthetic_text(3, 5000) == a[:5000]
+    assert a.count("\n\n") > 10 and a.isascii()
+    words = set(a.replace("\n", " ").replace(".", " ").replace(",", " ").split())
+    assert 100 < len(words) < 1000  # a small vocabulary, but not a trivial one
+
+
+def _make_synthetic(cache_dir):
+    D.ensure_synthetic_token_file(cache_dir, 1, 5000)
+
+
+def test_ensure_synthetic_token_file(tmp_path):
+    cache = str(tmp_path / "cache")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_make_synthetic, args=(cache,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(20)
+        assert p.exitcode == 0
+    prefix = D.ensure_synthetic_token_file(cache, 1, 5000)
+    assert prefix == os.path.join(cache, "synthetic-s1-n5000")
+    tf = D.TokenFile(prefix, verify=True)
+    assert tf.n_tokens == 5000 and tf.read(4999, 5000)[0] == TOK.eos_id
+    eos_pos = np.flatnonzero(tf.read(0, 5000) == TOK.eos_id)
+    assert tf.doc_starts.tolist() == [0] + (eos_pos[:-1] + 1).tolist()
+    first_doc = TOK.decode(tf.read(0, tf.doc_starts[1] - 1))
+    assert first_doc == D.synthetic_text(1, 5000).split("\n\n")[0]
+    assert not [n for n in os.listdir(cache) if ".tmp-" in n]
+
+
+# ------------------------------------------------------------------------------- passkey
+
+
+def test_passkey_prompt_depth():
+    rng = np.random.default_rng(0)
+    for depth, n_before in [(0.0, 0), (0.5, 5), (1.0, 10), (0.34, 3)]:
+        text, key = pk.passkey_prompt(rng, 10, depth)
+        assert 1 <= key <= 50000
+        key_sentence = pk.KEY_SENTENCE.format(N=key)
+        assert text.startswith(pk.INSTRUCTION) and text.endswith(pk.QUESTION)
+        before, after = text.split(key_sentence)
+        assert before.count(pk.FILLER) == n_before and after.count(pk.FILLER) == 10 - n_before
+    with pytest.raises(ValueError, match="depth=1.5"):
+        pk.passkey_prompt(rng, 10, 1.5)
+
+
+def test_passkey_sample_fills_length():
+    rng = np.random.default_rng(1)
+    s = pk.passkey_sample(TOK, rng, 2000, 0.3)
+    total = len(s["prompt_ids"]) + len(s["answer_ids"])
+    assert total <= 2000
+    assert total > 2000 - len(TOK.encode(" " + pk.FILLER))  # one more filler would not fit
+    assert TOK.decode(s["answer_ids"]) == f" {s['passkey']}"
+    assert str(s["passkey"]) in TOK.decode(s["prompt_ids"])
+    with pytest.raises(ValueError, match="length=50"):
+        pk.passkey_sample(TOK, rng, 50, 0.3)
+
+
+def test_first_integer():
+    assert pk.first_integer("  12345 is the key 7") == 12345
+    assert pk.first_integer("no digits here") is None
+
+
+def test_passkey_sampler_labels_only_answer():
+    s = D.PasskeySampler(TOK, seq_len=512, micro_batch_size=3, seed=5)
+    b = s.batch(2)
+    for k in KEYS:
+        assert b[k].shape == (3, 512) and b[k].dtype == torch.int64
+    assert torch.equal(b["input_ids"], s.batch(2)["input_ids"])
+    assert not torch.equal(b["input_ids"], s.batch(3)["input_ids"])
+    for i, g in enumerate(s.global_indices(2)):
+        labels = b["labels"][i]
+        kept = labels != -100
+        answer = TOK.decode(labels[kept].numpy())
+        assert pk.first_integer(answer) == s.sample(g)["passkey"] and answer.startswith(" ")
+        assert kept.sum() == len(answer)
+        # the kept labels are the next tokens of the inputs
+        t = torch.nonzero(kept).flatten()
+        assert torch.equal(b["input_ids"][i, t[1:]], labels[t[:-1]])
+    assert (b["doc_ids"] == 0).all() and torch.equal(b["positions"][1], torch.arange(512))
+    shards = [D.PasskeySampler(TOK, 512, 3, 5, sp_rank=r, sp_size=2).batch(2) for r in range(2)]
+    for k in KEYS:
+        assert torch.equal(torch.cat([sh[k] for sh in shards], 1), b[k])
+
+
+# ------------------------------------------------------------------------------- make_sampler
+
+
+def _cfg(**kw):
+    base = dict(kind="synthetic", path=None, tokenizer="byte", seq_len=32, micro_batch_size=2,
+                seed=3, synthetic_tokens=4000, cache_dir=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_make_sampler_kinds(tmp_path, monkeypatch, corpus):
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "envcache"))
+    s, vocab = D.make_sampler(_cfg(), TOK, 1, 2, 0, 1)
+    assert isinstance(s, D.PackedSampler) and vocab == 259
+    assert os.path.exists(str(tmp_path / "envcache" / "synthetic-s3-n4000.json"))
+    s, _ = D.make_sampler(_cfg(cache_dir=str(tmp_path / "c")), None, 0, 1, 1, 2)
+    assert s.batch(0)["input_ids"].shape == (2, 16)
+
+    prefix, _ = corpus
+    s, vocab = D.make_sampler(_cfg(kind="tokens", path=prefix), TOK, 0, 1, 0, 1)
+    assert s.token_file.n_tokens == D.TokenFile(prefix).n_tokens
+    with pytest.raises(ValueError, match="data.path"):
+        D.make_sampler(_cfg(kind="tokens"), TOK, 0, 1, 0, 1)
+
+    s, _ = D.make_sampler(_cfg(kind="passkey", seq_len=400), TOK, 0, 1, 0, 1)
+    assert isinstance(s, D.PasskeySampler)
+    with pytest.raises(ValueError, match="data.kind='bogus'"):
+        D.make_sampler(_cfg(kind="bogus"), TOK, 0, 1, 0, 1)
