@@ -70,6 +70,9 @@ class ParallelConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 100
+    # Stop (with a checkpoint) after this step though the LR schedule runs to `steps`: for
+    # time-limited jobs that resume, and for testing that resume is exact.
+    stop_after: Optional[int] = None
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -284,6 +287,11 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
               f"processes or set parallel.sp to a divisor of {world_size}")
     _need(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _need(t.stop_after is None or 1 <= t.stop_after <= t.steps,
+          f"train.stop_after={t.stop_after} must be in [1, train.steps={t.steps}] (or null)")
+    _need(t.on_nonfinite == "stop" or t.grad_accum == 1,
+          f"train.on_nonfinite=skip needs train.grad_accum=1 (got {t.grad_accum}): a bad micro-batch cannot be "
+          f"taken back out of gradients already accumulated")
     _need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     _need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2=({t.beta1}, {t.beta2}) must be in [0, 1)")

@@ -25,6 +25,10 @@ from longctx.train import checkpoint as ckpt
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
 
+# Testing hook: make the loss of the N-th step (1-based, as in metrics.jsonl) NaN, to exercise train.on_nonfinite.
+_INJECT_NAN_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_STEP", "-1"))
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable checkpoint, incompatible resume)."""
 
@@ -99,6 +103,15 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
                                 f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
 
 
+def _nonfinite(what: str, step: int, last_good: Optional[str], policy: str) -> None:
+    """Stop with the step and the last good checkpoint named, or warn (policy 'skip')."""
+    if policy == "stop":
+        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
+        raise TrainingError(f"non-finite {what} at step {step} ({where}); resume with --resume auto after "
+                            f"lowering train.lr, or set train.on_nonfinite=skip")
+    _log0(f"warning: non-finite {what} at step {step}; the step is skipped (train.on_nonfinite=skip)")
+
+
 def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     """Run (or resume) training as configured. Every rank calls this."""
     _quiet_deepspeed()
@@ -131,6 +144,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     resume_folder = decision[0]
     if resume == "auto" and resume_folder is None:
         _log0(f"--resume auto: no complete checkpoint in {ckpt_root}; starting fresh")
+    if resume_folder is not None:  # before building anything: a mismatch is one clear line
+        _check_resume_compatible(ckpt.read_meta(resume_folder), cfg, world, resume_folder)
 
     # Data: each rank reads only its own samples (and its own sequence shard).
     sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp)
@@ -153,8 +168,6 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     torch.manual_seed(t.seed + 1 + rank)
     start_step, tokens_seen = 0, 0
     if resume_folder is not None:
-        meta = ckpt.read_meta(resume_folder)
-        _check_resume_compatible(meta, cfg, world, resume_folder)
         meta = ckpt.load(engine, resume_folder)
         start_step, tokens_seen = meta["step"], meta["tokens"]
         sampler.load_state_dict(meta["sampler"])
@@ -175,57 +188,57 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     tokens_per_step = seq_len * mb * ga * mesh.dp
     fpt = flops_per_token(cfg.model, seq_len)
     params = count_params(model)
+    end_step = t.steps if t.stop_after is None else t.stop_after
     _log0(f"longctx: {launcher} launch, world {world} (dp {mesh.dp} x sp {mesh.sp}), {device.type}, "
           f"ZeRO-{cfg.deepspeed.zero_stage}, {params['total'] / 1e6:.2f}M params, "
-          f"{tokens_per_step} tokens/step, steps {start_step}->{t.steps}, run dir {run_dir}")
+          f"{tokens_per_step} tokens/step, steps {start_step}->{end_step} of {t.steps}, run dir {run_dir}")
 
+    if start_step >= end_step:
+        _log0(f"nothing to do: the checkpoint is at step {start_step} and the run ends at step {end_step}")
     bar = None
-    if rank == 0 and t.progress and start_step < t.steps:
+    if rank == 0 and t.progress and start_step < end_step:
         from tqdm import tqdm
-        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     last_good = resume_folder
     losses: List[float] = []
     engine.train()
     t_last = time.perf_counter()
-    for step in range(start_step, t.steps):
+    for step in range(start_step, end_step):
         batches = [sampler.batch(step, micro=m, grad_accum=ga) for m in range(ga)]
         n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_global = _allreduce([n_local], device)[0]
         if n_global == 0:
-            raise TrainingError(f"step {step}: the batch has no target tokens (all labels are -100)")
+            raise TrainingError(f"step {step + 1}: the batch has no target tokens (all labels are -100)")
         loss_sum_local, skipped = 0.0, False
         for b in batches:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None)
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
+            if step + 1 == _INJECT_NAN_STEP:
+                loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
             # Agree across ranks before backward: every rank stops or skips together.
-            bad = _allreduce([0.0 if torch.isfinite(loss_sum.detach()) else 1.0], device)[0]
-            if bad:
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
-                if t.on_nonfinite == "stop":
-                    raise TrainingError(f"non-finite loss at step {step} ({where}); resume with --resume auto after "
-                                        f"lowering train.lr, or set train.on_nonfinite=skip")
-                _log0(f"warning: non-finite loss at step {step}; skipping the step (train.on_nonfinite=skip)")
-                skipped = True
+            if _allreduce([0.0 if torch.isfinite(loss_sum.detach()) else 1.0], device)[0]:
+                _nonfinite("loss", step + 1, last_good, t.on_nonfinite)
+                skipped = True  # grad_accum is 1 under on_nonfinite=skip (config check): nothing accumulated
                 break
             # DeepSpeed divides by grad_accum and averages over the world: undo both so the
             # result is d(sum of all ranks' token losses / n_global).
             engine.backward(loss_sum * (world * ga / n_global))
             engine.step()
             loss_sum_local += float(loss_sum.detach())
-        sampler.advance(step + 1)
+        if not skipped and t.precision != "fp16" and not engine.was_step_applied():
+            # Outside fp16 loss scaling, DeepSpeed skips an update only for non-finite gradients.
+            _nonfinite("gradients", step + 1, last_good, t.on_nonfinite)
+        sampler.advance(step)
         if skipped:
-            if ga > 1:
-                raise TrainingError(f"non-finite loss at step {step} inside gradient accumulation: skipping needs "
-                                    f"train.grad_accum=1 (partial gradients are already accumulated)")
             continue
         loss = _allreduce([loss_sum_local], device)[0] / n_global
         losses.append(loss)
         tokens_seen += tokens_per_step
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == end_step):
             gn = engine.get_global_grad_norm()
             tps = tokens_per_step / dt
             rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
@@ -237,7 +250,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         if bar is not None:
             bar.update(1)
         done = step + 1
-        if done % c.every == 0 or (done == t.steps and c.save_final):
+        if done % c.every == 0 or (done == end_step and c.save_final):
             meta = {"step": done, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
                     "zero_stage": cfg.deepspeed.zero_stage, "model": model_signature(cfg),
                     "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind")},
@@ -251,5 +264,5 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     if rank == 0 and t.plot and os.path.exists(log.path):
         plot_loss(read_jsonl(log.path), os.path.join(run_dir, "loss.png"), title=os.path.basename(run_dir))
     if losses:
-        _log0(f"done: step {t.steps}, loss {losses[0]:.4f} -> {losses[-1]:.4f}; run dir {run_dir}")
-    return TrainResult(run_dir, start_step, t.steps, losses)
+        _log0(f"done: step {end_step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}; run dir {run_dir}")
+    return TrainResult(run_dir, start_step, end_step, losses)
