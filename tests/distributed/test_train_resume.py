@@ -69,3 +69,25 @@ def test_mpirun_train_and_resume_matches_torchrun(workdir, full_z2):
     proc = ok(launch("mpirun", 2, [*common, "--resume", "auto"], workdir))
     assert f"resumed from {os.path.join(root, ckpt.tag_for(3))}" in proc.stderr
     assert losses(run) == losses(full_z2)
+
+
+@pytest.mark.parametrize("variant", [["deepspeed.zero_stage=0"], ["deepspeed.zero_stage=1"],
+                                     ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]],
+                         ids=["zero0", "zero1", "zero2-offload"])
+def test_zero_stages_agree(workdir, full_z2, variant):
+    """The loss is the global token mean at every ZeRO stage (no stage scales gradients
+    differently): each stage's losses match ZeRO-2's to fp32 round-off."""
+    run = str(workdir / ("stage-" + "-".join(v.split("=")[1] for v in variant)))
+    ok(launch("torchrun", 2, [TINY, *SMALL, *variant, "train.steps=6", f"train.run_dir={run}"], workdir, timeout=600))
+    a, b = losses(full_z2), losses(run)
+    assert len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+
+
+def test_resume_at_other_world_size_refused(workdir, full_z2):
+    proc = launch("python", 1, [TINY, *SMALL, "deepspeed.zero_stage=2", "train.steps=8", f"train.run_dir={full_z2}",
+                                "--resume", "auto"], workdir)
+    assert proc.returncode == 2
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "ZeRO-2 shards of 2 ranks" in err[0] and "relaunch with 2 processes" in err[0], proc.stderr
