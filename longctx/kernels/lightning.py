@@ -1,0 +1,170 @@
+"""`lightning_attn`: linear attention with per-head decay, forward and backward, one function
+over two backends (Triton on CUDA, plain torch elsewhere).
+
+    o_t = scale * sum_{j<=t} lam_h^(t-j) (q_t . k_j) v_j  (+ scale * lam_h^(t+1) q_t @ S0),
+    lam_h = exp(-decay_h)
+
+The backward needs no kernel of its own: with F(q, k, v, init, off) the forward primitive of
+`lightning_torch.py`, and ' denoting time reversal,
+
+    dq  = scale * F(dO, v, k, init=S0^T, off=1)
+    dk' =         F(v', dO', scale q', init=dS_T^T, off=0)
+    dv' =         F(k', scale q', dO', init=dS_T, off=0),      dS0 = lam * final of the dv' call
+
+(the dv' call's final state is sum_t lam^t scale q_t^T dO_t + lam^(T-1) dS_T). So the Triton
+backend's correctness rests on its forward kernel alone, tested against the torch primitive.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from longctx.kernels.lightning_torch import lightning_fwd_torch
+
+Tensor = torch.Tensor
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _primitive(backend: str):
+    if backend == "triton":
+        from longctx.kernels.lightning_triton import lightning_fwd_triton
+        return lightning_fwd_triton
+    return lightning_fwd_torch
+
+
+def pick_backend(x: Tensor, backend: str) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}: use 'auto', 'torch' or 'triton'")
+    if backend == "auto":
+        # CPU tensors take the torch path even under TRITON_INTERPRET (tests ask for triton by name)
+        return "triton" if x.is_cuda and x.dtype != torch.float64 and _triton_available() else "torch"
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' but triton is not installed (pip install triton; Linux x86-64)")
+    return backend
+
+
+def _flip_segments(x: Optional[Tensor], cu: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-segment tensors in reversed-time order: documents reverse, batch rows do not."""
+    return None if x is None or cu is None else x.flip(0)
+
+
+def _reverse_cu(cu: Optional[Tensor], T: int) -> Optional[Tensor]:
+    return None if cu is None else (T - cu).flip(0)
+
+
+class _Lightning(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, init, scale, cu, want_final, backend, chunk):
+        F = _primitive(backend)
+        kw = {"chunk": chunk} if backend == "torch" and chunk else {}
+        o, final = F(q * scale, k, v, decay, init, 1, cu, want_final, **kw)
+        ctx.save_for_backward(q, k, v, decay, init, cu)
+        ctx.scale, ctx.backend, ctx.kw, ctx.has_init = scale, backend, kw, init is not None
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, decay, init, cu = ctx.saved_tensors
+        F, kw, scale = _primitive(ctx.backend), ctx.kw, ctx.scale
+        T = q.shape[2]
+        do = do.contiguous()
+        dq = dk = dv = dinit = None
+        if ctx.needs_input_grad[0]:
+            init_t = None if init is None else init.transpose(-1, -2).contiguous()
+            dq = F(do, v, k, decay, init_t, 1, cu, False, **kw)[0] * scale
+        rq, rk, rv, rdo = (x.flip(2) for x in (q, k, v, do))
+        rcu = _reverse_cu(cu, T)
+        rdf = _flip_segments(dfinal, cu) if cu is not None else dfinal
+        if ctx.needs_input_grad[1]:
+            init_t = None if rdf is None else rdf.transpose(-1, -2).contiguous()
+            dk = F(rv, rdo, rq * scale, decay, init_t, 0, rcu, False, **kw)[0].flip(2)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            rdv, fin = F(rk, rq * scale, rdo, decay, rdf, 0, rcu, ctx.needs_input_grad[4], **kw)
+            dv = rdv.flip(2) if ctx.needs_input_grad[2] else None
+            if ctx.needs_input_grad[4]:
+                fin = _flip_segments(fin, cu) if cu is not None else fin
+                dinit = (fin * torch.exp(-decay.to(fin.dtype)).view(1, -1, 1, 1)).to(init.dtype)
+        return dq, dk, dv, None, dinit, None, None, None, None, None
+
+
+def _check(q, k, v, decay, initial_state, cu_seqlens, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, seq, dim), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64")
+    if k.shape != q.shape:
+        raise ValueError(f"k: shape {tuple(k.shape)} must equal q's {tuple(q.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: shape {tuple(v.shape)} must match q's (batch, heads, seq) {tuple(q.shape[:3])}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: devices differ ({q.device}, {k.device}, {v.device})")
+    B, H, T, K = q.shape
+    if T < 1:
+        raise ValueError(f"q: sequence length {T}: must be >= 1")
+    if not isinstance(decay, Tensor) or decay.shape != (H,):
+        raise ValueError(f"decay: expected a tensor of shape ({H},) (one per head), got "
+                         f"{tuple(decay.shape) if isinstance(decay, Tensor) else decay!r}")
+    if decay.requires_grad:
+        raise ValueError("decay: gradients with respect to the decay are not supported; pass it as a buffer "
+                         "(requires_grad=False)")
+    if not torch.isfinite(decay).all() or (decay < 0).any():
+        raise ValueError(f"decay: every entry must be finite and >= 0 (lambda = exp(-decay) <= 1), got "
+                         f"{decay.tolist()}")
+    if not isinstance(scale, (int, float)) or not (scale == scale) or abs(scale) == float("inf"):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    S = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
+                                                                                                   torch.int64):
+            raise ValueError("cu_seqlens: expected a 1-D int32/int64 tensor of document offsets [0, ..., seq]")
+        if B != 1:
+            raise ValueError(f"cu_seqlens: packed documents need batch size 1, got {B}")
+        c = cu_seqlens.tolist()
+        if len(c) < 2 or c[0] != 0 or c[-1] != T:
+            raise ValueError(f"cu_seqlens: must start at 0 and end at the sequence length {T}, got "
+                             f"[{c[0]}, ..., {c[-1]}]" if c else "cu_seqlens: empty")
+        if any(b <= a for a, b in zip(c, c[1:])):
+            raise ValueError("cu_seqlens: offsets must be strictly increasing (no empty documents)")
+        S = len(c) - 1
+    if initial_state is not None:
+        want = (S, H, K, v.shape[-1])
+        if not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state: expected shape {want} (one state per "
+                             f"{'document' if cu_seqlens is not None else 'batch row'}), got "
+                             f"{tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state!r}")
+        if initial_state.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"initial_state: dtype {initial_state.dtype}: states are kept in float32 (or float64)")
+
+
+def lightning_attn(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float = 1.0,
+                   initial_state: Optional[Tensor] = None, return_state: bool = False,
+                   cu_seqlens: Optional[Tensor] = None, backend: str = "auto",
+                   chunk: Optional[int] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Lightning attention.
+
+    q, k: (B, H, T, K); v: (B, H, T, V); decay: (H,) >= 0 (a buffer); initial_state:
+    (B, H, K, V), or (N, H, K, V) with cu_seqlens (N+1 offsets of packed documents, B == 1;
+    the state restarts at each document). Returns o (B, H, T, V) in v's dtype, and with
+    return_state the final state per row/document, fp32 (fp64 for fp64 inputs).
+    Gradients flow to q, k, v and initial_state (and through the returned state).
+    """
+    _check(q, k, v, decay, initial_state, cu_seqlens, scale)
+    be = pick_backend(q, backend)
+    if initial_state is not None and q.dtype != torch.float64:
+        initial_state = initial_state.float()
+    o, final = _Lightning.apply(q, k, v, decay.detach(), initial_state, float(scale), cu_seqlens,
+                                bool(return_state), be, chunk)
+    return (o, final) if return_state else o

@@ -1,0 +1,208 @@
+"""Lightning attention (linear attention with per-head decay) in plain torch: the CPU path and
+the specification the Triton kernel is tested against.
+
+One forward primitive serves forward and backward (the backward is three calls of it on
+time-reversed inputs, see kernels/lightning.py). Per head h with lam = exp(-decay_h), for a
+segment [s, e] (a batch row, or a packed document of `cu_seqlens`) and t in it:
+
+    o_t   = sum_{s<=j<=t} lam^(t-j) (q_t . k_j) v_j  +  lam^(t-s+off) q_t @ init_seg
+    final = sum_{s<=j<=e} lam^(e-j) k_j^T v_j        +  lam^(e-s+off) init_seg
+
+Tiling as in Lightning Attention-2: chunks of C tokens; inside a chunk the masked quadratic
+form ((Q K^T) * D) V; across chunks a running (K x V) state, here computed for all chunks at
+once by a two-level scan (`decay_scan`) instead of a loop over chunks, so the cost per token is
+constant. Every decay factor is exp of a non-positive number: nothing overflows, and a large
+decay underflows to an exact 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def decay_scan(E: Tensor, R: Tensor, X: Tensor, block: int = 64) -> Tensor:
+    """Inclusive scan Y_n = sum_{i<=n, R_i == R_n} exp(-(E_n - E_i)) X_i, vectorised.
+
+    E: (B, H, N) non-decreasing exponents along N; R: (B, N) non-decreasing reset counters
+    (the recurrence restarts where R changes); X: (B, H, N, F). Blocks of `block` are scanned
+    with one batched matmul each; block totals are scanned recursively (depth log_block N).
+    """
+    B, H, N, F = X.shape
+    if N <= block:
+        diff = E[..., :, None] - E[..., None, :]  # (B, H, N, N), >= 0 on and below the diagonal
+        keep = (R[:, :, None] == R[:, None, :]).tril()[:, None]  # (B, 1, N, N)
+        W = torch.where(keep, torch.exp(-diff.clamp(min=0)), torch.zeros((), dtype=X.dtype, device=X.device))
+        return W @ X
+    G = -(-N // block)
+    pad = G * block - N
+    if pad:  # padded tail: own reset group, zero input; never read back
+        E = torch.cat([E, E[..., -1:].expand(B, H, pad)], dim=-1)
+        R = torch.cat([R, (R[:, -1:] + 1).expand(B, pad)], dim=-1)
+        X = torch.cat([X, X.new_zeros(B, H, pad, F)], dim=2)
+    Eb, Rb, Xb = E.view(B, H, G, block), R.view(B, G, block), X.view(B, H, G, block, F)
+    diff = Eb[..., :, None] - Eb[..., None, :]
+    keep = (Rb[..., :, None] == Rb[..., None, :]).tril()[:, None]  # (B, 1, G, M, M)
+    W = torch.where(keep, torch.exp(-diff.clamp(min=0)), torch.zeros((), dtype=X.dtype, device=X.device))
+    Y = W @ Xb  # (B, H, G, M, F): scan inside each block
+    # carry: the inclusive total of everything before block g, then into each position of g
+    Z = decay_scan(Eb[..., -1], Rb[..., -1], Y[..., -1, :], block)  # (B, H, G, F)
+    Zprev = torch.cat([Z.new_zeros(B, H, 1, F), Z[:, :, :-1]], dim=2)
+    Eprev = torch.cat([Eb[..., :1, 0], Eb[..., :-1, -1]], dim=-1)  # (B, H, G)
+    Rprev = torch.cat([Rb[:, :1, 0] - 1, Rb[:, :-1, -1]], dim=-1)  # block 0 has no predecessor
+    f = torch.where((Rb == Rprev[..., None])[:, None], torch.exp(-(Eb - Eprev[..., None]).clamp(min=0)),
+                    torch.zeros((), dtype=X.dtype, device=X.device))  # (B, H, G, M)
+    Y = Y + f[..., None] * Zprev[:, :, :, None, :]
+    return Y.reshape(B, H, G * block, F)[:, :, :N]
+
+
+def _segments(B: int, T: int, cu_seqlens: Optional[Tensor], device):
+    """Per-position segment id (B, T) and per segment: row, start, end (inclusive)."""
+    if cu_seqlens is None:
+        seg = torch.arange(B, device=device)[:, None].expand(B, T)
+        starts = torch.zeros(B, dtype=torch.long, device=device)
+        return seg, torch.arange(B, device=device), starts, torch.full((B,), T - 1, device=device)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seg = torch.searchsorted(cu[1:], torch.arange(T, device=device), right=True)[None]  # (1, T)
+    n = cu.numel() - 1
+    return seg, torch.zeros(n, dtype=torch.long, device=device), cu[:-1], cu[1:] - 1
+
+
+def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor] = None,
+                        init_offset: int = 1, cu_seqlens: Optional[Tensor] = None, want_final: bool = False,
+                        chunk: int = 64, max_tile_elems: int = 1 << 26) -> Tuple[Tensor, Optional[Tensor]]:
+    """The primitive above. q, k: (B, H, T, K); v: (B, H, T, V); decay: (H,) >= 0; init:
+    (S, H, K, V) or None with S = B (rows) or N (documents of cu_seqlens, B == 1).
+    Returns o (B, H, T, V) in v's dtype and, if want_final, final (S, H, K, V) in fp32
+    (fp64 for fp64 inputs). Inputs are assumed validated (kernels/lightning.py does it)."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = v.dtype
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    dec = decay.to(device=dev, dtype=cdt).view(1, H, 1)  # (1, H, 1)
+    C = max(1, min(chunk, T))
+    N = -(-T // C)
+    pad = N * C - T
+    seg, seg_row, seg_start, seg_end = _segments(B, T, cu_seqlens, dev)
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        seg = torch.cat([seg, seg.new_full((seg.shape[0], pad), -1)], dim=1)
+    qc, kc, vc = q.view(B, H, N, C, K), k.view(B, H, N, C, K), v.view(B, H, N, C, V)
+    segc = seg.view(B, N, C)
+    ar = torch.arange(C, device=dev, dtype=cdt)
+    zero = torch.zeros((), dtype=cdt, device=dev)
+
+    # --- intra-chunk: ((Q K^T) * D) V, in slices of chunks to bound the C x C tile memory ----------
+    o = torch.empty(B, H, N, C, V, dtype=cdt, device=dev)
+    Dlog = (ar[:, None] - ar[None, :]).clamp(min=0)  # (C, C) i - j
+    Dm = torch.exp(-dec[..., None] * Dlog) * (ar[:, None] >= ar[None, :])  # (1, H, C, C) causal decay
+    step = max(1, max_tile_elems // max(1, B * H * C * C))
+    for n0 in range(0, N, step):  # one iteration up to ~64M tile elements: a loop over large groups
+        n1 = min(N, n0 + step)
+        same = (segc[:, n0:n1, :, None] == segc[:, n0:n1, None, :])[:, None]  # (B, 1, n, C, C)
+        A = qc[:, :, n0:n1] @ kc[:, :, n0:n1].transpose(-1, -2)
+        A = A * Dm[:, :, None] * same
+        o[:, :, n0:n1] = A @ vc[:, :, n0:n1]
+
+    # --- chunk states and their scan ---------------------------------------------------------------
+    last_seg = segc[:, :, -1]  # (B, N) segment running at each chunk end (-1: padding)
+    in_last = (segc == last_seg[..., None])[:, None, :, :, None]  # (B, 1, N, C, 1)
+    w_end = torch.exp(-dec[..., None] * (C - 1 - ar))  # (1, H, 1, C): lam^(C-1-j)
+    dS = (kc * (w_end[..., None] * in_last)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    X = dS.reshape(B, H, N, K * V)
+    seg_first_chunk = seg_start // C
+    seg_first_off = seg_start % C
+    if init is not None:
+        # inject each segment's initial state in the chunk where it starts, if still running there
+        init_c = init.to(cdt)
+        runs = last_seg[seg_row, seg_first_chunk] == torch.arange(seg_row.numel(), device=dev)  # (S,)
+        e = (C - 1 - seg_first_off + init_offset).to(cdt)  # (S,)
+        J = torch.exp(-decay.to(dev, cdt)[None, :] * e[:, None])[..., None, None] * init_c  # (S, H, K, V)
+        J = J * runs[:, None, None, None]
+        X = _inject(X, seg_row, seg_first_chunk, J.reshape(-1, H, K * V))
+    Rch = torch.cat([torch.zeros_like(last_seg[:, :1]), (last_seg[:, 1:] != last_seg[:, :-1]).long()], 1).cumsum(1)
+    Ech = dec * (C * torch.arange(N, device=dev, dtype=cdt))  # (1, H, N)
+    Sinc = decay_scan(Ech.expand(B, H, N).contiguous(), Rch, X)  # (B, H, N, K*V) state after chunk n
+    P = torch.cat([X.new_zeros(B, H, 1, K * V), Sinc[:, :, :-1]], dim=2).view(B, H, N, K, V)  # entering
+
+    # --- inter-chunk: lam^(i+1) q_i P_n for the segment carried into chunk n -----------------------
+    prev_last = torch.cat([last_seg.new_full((B, 1), -2), last_seg[:, :-1]], dim=1)  # (B, N)
+    carried = (segc == prev_last[..., None])[:, None, :, :, None]  # (B, 1, N, C, 1)
+    w_in = torch.exp(-dec[..., None] * (ar + 1))  # (1, H, 1, C)
+    o = o + ((qc * (w_in[..., None] * carried)) @ P)
+
+    # --- initial states of segments starting inside a chunk -----------------------------------------
+    if init is not None:
+        qs = qc[seg_row, :, seg_first_chunk]  # (S, H, C, K)
+        ys = qs @ init_c  # (S, H, C, V)
+        rel = ar[None, :] - seg_first_off[:, None].to(cdt)  # (S, C)
+        sid = torch.arange(seg_row.numel(), device=dev)
+        mine = (segc[seg_row, seg_first_chunk] == sid[:, None])  # (S, C)
+        w = torch.where(mine[:, None], torch.exp(-decay.to(dev, cdt)[None, :, None] * (rel[:, None] + init_offset)
+                                                  .clamp(min=0)), zero)  # (S, H, C)
+        o = _add_rows(o, seg_row, seg_first_chunk, ys * w[..., None])
+    out = o.reshape(B, H, N * C, V)[:, :, :T].to(out_dtype)
+
+    final = None
+    if want_final:
+        S = seg_row.numel()
+        ce, re_ = seg_end // C, seg_end % C  # chunk and offset of each segment's last token
+        sid = torch.arange(S, device=dev)
+        kl, vl = kc[seg_row, :, ce], vc[seg_row, :, ce]  # (S, H, C, K|V)
+        mine = (segc[seg_row, ce] == sid[:, None]) & (ar[None, :] <= re_[:, None].to(cdt))  # (S, C)
+        dl = (re_[:, None].to(cdt) - ar[None, :]).clamp(min=0)
+        w = torch.where(mine[:, None], torch.exp(-decay.to(dev, cdt)[None, :, None] * dl[:, None]), zero)
+        final = (kl * w[..., None]).transpose(-1, -2) @ vl  # (S, H, K, V)
+        started_before = seg_first_chunk < ce
+        wp = torch.exp(-decay.to(dev, cdt)[None, :] * (re_[:, None].to(cdt) + 1)) * started_before[:, None]
+        final = final + wp[..., None, None] * P[seg_row, :, ce]
+        if init is not None:
+            here = ~started_before
+            wi = torch.exp(-decay.to(dev, cdt)[None, :] * (re_ - seg_first_off + init_offset)[:, None].to(cdt))
+            final = final + (wi * here[:, None])[..., None, None] * init_c
+    return out, final
+
+
+def _inject(X: Tensor, rows: Tensor, chunks: Tensor, J: Tensor) -> Tensor:
+    """X[rows[s], :, chunks[s]] += J[s] (several segments may share a chunk)."""
+    B, H, N, F = X.shape
+    flat = X.permute(0, 2, 1, 3).reshape(B * N, H, F)
+    flat = flat.index_add(0, rows * N + chunks, J)
+    return flat.view(B, N, H, F).permute(0, 2, 1, 3)
+
+
+def _add_rows(o: Tensor, rows: Tensor, chunks: Tensor, Y: Tensor) -> Tensor:
+    """o[rows[s], :, chunks[s]] += Y[s]; o: (B, H, N, C, V), Y: (S, H, C, V)."""
+    B, H, N, C, V = o.shape
+    flat = o.permute(0, 2, 1, 3, 4).reshape(B * N, H, C, V)
+    flat = flat.index_add(0, rows * N + chunks, Y)
+    return flat.view(B, N, H, C, V).permute(0, 2, 1, 3, 4)
+
+
+def lightning_naive(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor] = None,
+                    init_offset: int = 1, cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The O(T^2) textbook formula in float64: the oracle of the tests. Returns (o, final)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, K = q.shape
+    lam_log = -decay.double().view(1, H, 1, 1)
+    seg, seg_row, starts, ends = _segments(B, T, cu_seqlens, q.device)
+    t = torch.arange(T, dtype=torch.float64)
+    same = (seg[:, :, None] == seg[:, None, :]) & (t[:, None] >= t[None, :])  # (B, T, T)
+    W = torch.where(same[:, None], torch.exp(lam_log * (t[:, None] - t[None, :]).clamp(min=0)), 0.0)
+    o = (q @ k.transpose(-1, -2) * W) @ v
+    finals = []
+    for s in range(seg_row.numel()):
+        b, st, en = int(seg_row[s]), int(starts[s]), int(ends[s])
+        w = torch.exp(lam_log[0, :, 0] * (en - t[st:en + 1]))  # (H, L)
+        f = (k[b, :, st:en + 1] * w[..., None]).transpose(-1, -2) @ v[b, :, st:en + 1]
+        if init is not None:
+            rel = t[st:en + 1] - st + init_offset
+            o[b, :, st:en + 1] += torch.exp(lam_log[0, :, 0] * rel)[..., None] * (q[b, :, st:en + 1] @ init[s].double())
+            f = f + torch.exp(lam_log[0, :, 0, 0] * (en - st + init_offset))[:, None, None] * init[s].double()
+        finals.append(f)
+    return o, torch.stack(finals)
