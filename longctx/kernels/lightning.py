@@ -168,3 +168,40 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float 
     o, final = _Lightning.apply(q, k, v, decay.detach(), initial_state, float(scale), cu_seqlens,
                                 bool(return_state), be, chunk)
     return (o, final) if return_state else o
+
+
+def lightning_attn_rows(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float = 1.0,
+                        doc_ids: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
+                        backend: str = "auto"):
+    """Lightning attention over a batch of rows that may each hold several packed documents.
+
+    q, k: (B, H, T, K); v: (B, H, T, V); doc_ids: (B, T) document index per token (or None:
+    one document per row); initial_state: (B, H, K, V) entering the *first* document of each
+    row (streaming: the state a previous segment of that row left). Returns
+    (o (B, H, T, V), final (B, H, K, V): the state after each row's last token, i.e. of its last
+    document, first_len (B,): tokens of each row's first document).
+    Rows with documents are packed into one sequence with cu_seqlens (each row starts a new
+    document), so one kernel call serves the whole batch.
+    """
+    B, H, T, K = q.shape
+    if doc_ids is None:
+        o, final = lightning_attn(q, k, v, decay, scale, initial_state, True, backend=backend)
+        return o, final, torch.full((B,), T, dtype=torch.long, device=q.device)
+    if doc_ids.shape != (B, T):
+        raise ValueError(f"doc_ids: expected shape {(B, T)}, got {tuple(doc_ids.shape)}")
+    starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    flat_starts = starts.reshape(-1).nonzero().squeeze(1)
+    cu = torch.cat([flat_starts, flat_starts.new_tensor([B * T])])
+    seg_of_row_start = starts.sum(1).cumsum(0) - starts.sum(1)  # (B,) index of each row's first document
+    n_seg = cu.numel() - 1
+    init = None
+    if initial_state is not None:
+        init = initial_state.new_zeros((n_seg,) + tuple(initial_state.shape[1:]))
+        init = init.index_copy(0, seg_of_row_start, initial_state)
+    pack = lambda x: x.transpose(0, 1).reshape(1, H, B * T, x.shape[-1])  # noqa: E731
+    o, finals = lightning_attn(pack(q), pack(k), pack(v), decay, scale, init, True, cu, backend=backend)
+    o = o.reshape(H, B, T, v.shape[-1]).transpose(0, 1)
+    last_seg = starts.sum(1).cumsum(0) - 1  # (B,)
+    first_len = torch.where(starts[:, 1:].any(1), starts[:, 1:].float().argmax(1) + 1, torch.full_like(last_seg, T))
+    return o, finals[last_seg], first_len

@@ -1,0 +1,102 @@
+"""Sequence parallelism for linear attention by passing states (the LASP idea).
+
+Each SP rank holds a contiguous shard of every row. It runs lightning attention on its shard
+with a zero initial state, keeping its final state F_r. The state entering rank r is an
+exclusive prefix over ranks,
+
+    S_in_r = sum_{m<r} g(m -> r) * lam^(T_loc * (r - 1 - m)) * F_m,
+
+where g is 1 when the document running at the end of rank m continues, unbroken, to the start
+of rank r (every rank in between holds a single, continuing document) and 0 otherwise. One
+all-gather of the P final states gives every rank all it needs (no chain of P-1 waits as in
+LASP-1); the backward is the same prefix transposed, one all-gather of the P state gradients.
+Each rank then adds the correction scale * lam^(t+1) q_t @ S_in_r to the tokens of its first
+document. Communication per layer and direction: P * B * H * K * V values, whatever the length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from longctx.kernels.lightning import lightning_attn_rows
+from longctx.parallel.comm import all_gather
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SPHandle:
+    """A sequence-parallel group as mixers see it. layout: how the sequence is split."""
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    size: int
+    layout: str = "contiguous"
+
+
+class _StatePrefix(torch.autograd.Function):
+    """S_in = sum_m M[rank, m] F_m over the group; backward dF = sum_r M[r, rank] dS_r."""
+
+    @staticmethod
+    def forward(ctx, F, M, rank, group):
+        G = all_gather(F, group, op="lightning_state")  # (P, B, H, K, V)
+        ctx.save_for_backward(M)
+        ctx.rank, ctx.group = rank, group
+        return torch.einsum("mbh,mbhkv->bhkv", M[rank].to(G.dtype), G)
+
+    @staticmethod
+    def backward(ctx, dS):
+        (M,) = ctx.saved_tensors
+        Gd = all_gather(dS, ctx.group, op="lightning_state_grad")  # (P, B, H, K, V)
+        return torch.einsum("rbh,rbhkv->bhkv", M[:, ctx.rank].to(Gd.dtype), Gd), None, None, None
+
+
+def _prefix_matrix(decay: Tensor, T_loc: int, cont: Tensor, single: Tensor) -> Tensor:
+    """M (P, P, B, H): weight of rank m's final state in rank r's incoming state.
+
+    cont[l, b]: rank l's first document continues rank l-1's last one; single[l, b]: rank l
+    holds one document only (so a state passes through it)."""
+    P, B = cont.shape
+    H = decay.shape[0]
+    M = torch.zeros(P, P, B, H, dtype=torch.float64, device=decay.device)
+    lam_T = torch.exp(-decay.double() * T_loc)  # (H,) decay over one whole shard
+    for r in range(1, P):  # P is small (the SP degree): a P x P table, not a loop over tokens
+        ok = cont[r].clone()  # (B,)
+        w = torch.ones(H, dtype=torch.float64, device=decay.device)
+        for m in range(r - 1, -1, -1):
+            M[r, m] = (ok.double()[:, None] * w[None, :])
+            ok = ok & single[m] & cont[m]  # cont[0] is False: nothing comes before rank 0
+            w = w * lam_T
+    return M
+
+
+def lightning_attn_sp(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float, sp: SPHandle,
+                      doc_ids: Optional[Tensor] = None) -> Tensor:
+    """Exact lightning attention of the whole sequence; each rank passes its contiguous shard.
+
+    q, k: (B, H, T_loc, K); v: (B, H, T_loc, V); doc_ids: (B, T_loc) global document ids of
+    this shard's tokens (equal ids across a shard boundary mean the same document), or None.
+    Returns this shard's output (B, H, T_loc, V)."""
+    if sp.layout != "contiguous":
+        raise ValueError(f"lightning attention needs the contiguous sequence layout, got {sp.layout!r}")
+    B, H, T_loc, K = q.shape
+    o, F, first_len = lightning_attn_rows(q, k, v, decay, scale, doc_ids)
+    if sp.size == 1:
+        return o
+    if doc_ids is None:
+        ends = torch.zeros(B, 2, dtype=torch.long, device=q.device)
+    else:
+        ends = torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1)  # (B, 2) first / last document
+    E = all_gather(ends, sp.group, op="lightning_doc_ids")  # (P, B, 2)
+    cont = torch.zeros(sp.size, B, dtype=torch.bool, device=q.device)
+    cont[1:] = E[1:, :, 0] == E[:-1, :, 1]
+    single = E[:, :, 0] == E[:, :, 1]
+    M = _prefix_matrix(decay, T_loc, cont, single)
+    S_in = _StatePrefix.apply(F.float() if F.dtype != torch.float64 else F, M, sp.rank, sp.group)
+    t = torch.arange(T_loc, device=q.device)
+    in_first = (t[None, :] < first_len[:, None])  # (B, T_loc)
+    w = torch.exp(-decay.to(S_in.dtype)[None, :, None] * (t + 1).to(S_in.dtype)) * in_first[:, None]  # (B,H,T)
+    corr = torch.einsum("bhtk,bhkv->bhtv", q.to(S_in.dtype) * (scale * w)[..., None], S_in)
+    return o + corr.to(o.dtype)

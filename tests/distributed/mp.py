@@ -1,0 +1,33 @@
+"""Spawn a gloo process group inside a test and collect each rank's result."""
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = fn(rank, world, *args)
+        torch.save(res, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, fn, *args):
+    """Run fn(rank, world, *args) on `world` gloo processes; returns the list of results.
+    fn must be a module-level function (it is pickled)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(world, _port(), fn, args, d), nprocs=world, join=True)
+        return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world)]

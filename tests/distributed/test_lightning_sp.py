@@ -1,0 +1,75 @@
+"""Lightning attention sequence-parallel by state passing: P gloo processes against one."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from mp import run_world
+
+from longctx.kernels.lightning import lightning_attn_rows
+from longctx.parallel.comm import COMM
+from longctx.parallel.state_passing import SPHandle, lightning_attn_sp
+
+B, H, K, V = 2, 3, 4, 5
+DECAY = torch.tensor([0.0, 0.05, 1.5], dtype=torch.float64)
+
+
+def case_inputs(T, docs, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for d in (K, K, V))
+    doc_ids = None
+    if docs:  # document boundaries, some exactly on shard edges
+        starts = torch.zeros(B, T, dtype=torch.long)
+        for b, pos in enumerate(docs):
+            for p in pos:
+                starts[b, p] = 1
+        doc_ids = starts.cumsum(1)
+    go = torch.randn(B, H, T, V, generator=g, dtype=torch.float64)
+    return q, k, v, doc_ids, go
+
+
+CASES = [(24, None), (36, [[12, 13], [5]]), (48, [[24], [1, 2, 3, 40]])]
+
+
+def reference(T, docs, seed):
+    q, k, v, doc_ids, go = case_inputs(T, docs, seed)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o = lightning_attn_rows(q, k, v, DECAY, 0.8, doc_ids)[0]
+    grads = torch.autograd.grad((o * go).sum(), (q, k, v))
+    return o.detach(), grads
+
+
+def worker(rank, world):
+    out = []
+    group = dist.group.WORLD
+    for i, (T, docs) in enumerate(CASES):
+        q, k, v, doc_ids, go = case_inputs(T, docs, i)
+        n = T // world
+        sl = slice(rank * n, (rank + 1) * n)
+        ql, kl, vl = (x[:, :, sl].clone().requires_grad_() for x in (q, k, v))
+        COMM.reset()
+        o = lightning_attn_sp(ql, kl, vl, DECAY, 0.8, SPHandle(group, rank, world),
+                              None if doc_ids is None else doc_ids[:, sl])
+        grads = torch.autograd.grad((o * go[:, :, sl]).sum(), (ql, kl, vl))
+        out.append((o.detach(), grads, dict(COMM.bytes)))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_state_passing_exact(world):
+    results = run_world(world, worker)
+    for i, (T, docs) in enumerate(CASES):
+        o_ref, g_ref = reference(T, docs, i)
+        o = torch.cat([r[i][0] for r in results], dim=2)
+        torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+        for j, name in enumerate("qkv"):
+            g = torch.cat([r[i][1][j] for r in results], dim=2)
+            torch.testing.assert_close(g, g_ref[j], rtol=1e-12, atol=1e-12, msg=f"d{name} case {i}")
+        # communication: one all-gather of P states each way, independent of the length T
+        state_bytes = (world - 1) * B * H * K * V * 8
+        for r in results:
+            comm = r[i][2]
+            if world == 1:
+                assert comm == {}
+            else:
+                assert comm["lightning_state"] == state_bytes and comm["lightning_state_grad"] == state_bytes
+                assert comm["lightning_doc_ids"] == (world - 1) * B * 2 * 8
