@@ -279,8 +279,12 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _need(d.path is not None, "data.kind=tokens needs data.path (a token file from `longctx data prepare`)")
     _need(p.sp == 1 or d.seq_len % p.sp == 0,
           f"data.seq_len={d.seq_len} is not divisible by parallel.sp={p.sp}: use a multiple of {p.sp}")
-    _need(p.sp == 1, f"parallel.sp={p.sp}: no sequence-parallel mixer is registered yet (Ulysses/ring land with "
-                      f"issue 4, lightning state passing with issue 3); use parallel.sp=1")
+    if p.sp > 1:
+        from longctx.model.mixers import sp_capable
+        bad = sorted({n for n in m.mixers if not sp_capable(n)})
+        _need(not bad, f"parallel.sp={p.sp}: mixer(s) {', '.join(bad)} in model.mixers cannot run sequence-parallel "
+                       f"yet (softmax attention gets Ulysses/ring with issue 4); use parallel.sp=1 or mixers that can: "
+                       f"{', '.join(sorted(k for k in MIXERS if sp_capable(k)))}")
     if world_size is not None:
         _need(world_size % p.sp == 0,
               f"world size {world_size} is not divisible by parallel.sp={p.sp}: launch a multiple of {p.sp} "

@@ -27,11 +27,14 @@ class SeqContext:
     doc_ids:   (B, L) document index per token, or None (one document / no masking).
     sp:        sequence-parallel handle (group, rank, size, layout) or None.
     state:     carried per-layer state for streaming (memory weights, recurrent state, caches).
+    carry:     when True, mixers start from `state` (if they find theirs) and leave their final
+               state there, so consecutive segments of a row behave as one long sequence.
     """
     positions: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
     sp: Any = None
     state: Dict[str, Any] = field(default_factory=dict)
+    carry: bool = False
     _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from longctx.config import ConfigError, deepspeed_config, model_signature, to_yaml, validate
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
 from longctx.parallel.groups import build_mesh, init_distributed
+from longctx.parallel.state_passing import SPHandle
 from longctx.train import checkpoint as ckpt
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
@@ -200,6 +201,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         from tqdm import tqdm
         bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    sp_handle = SPHandle(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
     last_good = resume_folder
     losses: List[float] = []
     engine.train()
@@ -213,7 +215,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         loss_sum_local, skipped = 0.0, False
         for b in batches:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None)
+            ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None,
+                             sp=sp_handle)
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
