@@ -119,3 +119,12 @@ def build_mesh(sp: int) -> Mesh:
         if rank in ranks:
             dp_group = g
     return Mesh(world, rank, sp, sp_group, dp_group, dist.group.WORLD)
+
+
+@dataclass
+class SPHandle:
+    """A sequence-parallel group as mixers see it. layout: how the sequence is split."""
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    size: int
+    layout: str = "contiguous"

@@ -15,7 +15,6 @@ document. Communication per layer and direction: P * B * H * K * V values, whate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,17 +22,9 @@ import torch.distributed as dist
 
 from longctx.kernels.lightning import lightning_attn_rows
 from longctx.parallel.comm import all_gather
+from longctx.parallel.groups import SPHandle
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class SPHandle:
-    """A sequence-parallel group as mixers see it. layout: how the sequence is split."""
-    group: Optional[dist.ProcessGroup]
-    rank: int
-    size: int
-    layout: str = "contiguous"
 
 
 class _StatePrefix(torch.autograd.Function):

@@ -20,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from longctx.config import ConfigError, deepspeed_config, model_signature, to_yaml, validate
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
-from longctx.parallel.groups import build_mesh, init_distributed
-from longctx.parallel.state_passing import SPHandle
+from longctx.parallel.groups import SPHandle, build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 

@@ -7,7 +7,8 @@ from mp import run_world
 
 from longctx.kernels.lightning import lightning_attn_rows
 from longctx.parallel.comm import COMM
-from longctx.parallel.state_passing import SPHandle, lightning_attn_sp
+from longctx.parallel.groups import SPHandle
+from longctx.parallel.state_passing import lightning_attn_sp
 
 B, H, K, V = 2, 3, 4, 5
 DECAY = torch.tensor([0.0, 0.05, 1.5], dtype=torch.float64)
