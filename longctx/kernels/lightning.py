@@ -8,8 +8,10 @@ The backward needs no kernel of its own: with F(q, k, v, init, off) the forward 
 `lightning_torch.py`, and ' denoting time reversal,
 
     dq  = scale * F(dO, v, k, init=S0^T, off=1)
-    dk' =         F(v', dO', scale q', init=dS_T^T, off=0)
+    dk' =         F(v', scale dO', q', init=dS_T^T, off=0)
     dv' =         F(k', scale q', dO', init=dS_T, off=0),      dS0 = lam * final of the dv' call
+
+(scaling the key, not the value, leaves the init term alone).
 
 (the dv' call's final state is sum_t lam^t scale q_t^T dO_t + lam^(T-1) dS_T). So the Triton
 backend's correctness rests on its forward kernel alone, tested against the torch primitive.
@@ -54,45 +56,63 @@ def pick_backend(x: Tensor, backend: str) -> str:
 
 def _flip_segments(x: Optional[Tensor], cu: Optional[Tensor]) -> Optional[Tensor]:
     """Per-segment tensors in reversed-time order: documents reverse, batch rows do not."""
-    return None if x is None or cu is None else x.flip(0)
+    return x if x is None or cu is None else x.flip(0)
 
 
 def _reverse_cu(cu: Optional[Tensor], T: int) -> Optional[Tensor]:
     return None if cu is None else (T - cu).flip(0)
 
 
+def _call(backend: str, q, k, v, decay, init, off, cu, want_final, chunk=None, q_scale=1.0, k_scale=1.0,
+          reverse=False):
+    """The forward primitive with optional scaling of q / k and time reversal. The torch path
+    does both a group of heads at a time (no full-size copies); for Triton they are done here."""
+    if backend == "torch":
+        kw = {"chunk": chunk} if chunk else {}
+        return lightning_fwd_torch(q, k, v, decay, init, off, cu, want_final, q_scale=q_scale, k_scale=k_scale,
+                                   reverse=reverse, **kw)
+    F = _primitive(backend)
+    T = q.shape[2]
+    if reverse:
+        q, k, v = q.flip(2), k.flip(2), v.flip(2)
+        init = _flip_segments(init, cu)
+        cu = _reverse_cu(cu, T)
+    q = q * q_scale if q_scale != 1.0 else q
+    k = k * k_scale if k_scale != 1.0 else k
+    o, final = F(q.contiguous(), k.contiguous(), v.contiguous(), decay, init, off, cu, want_final)
+    if reverse:
+        o = o.flip(2)
+        final = _flip_segments(final, cu)
+    return o, final
+
+
 class _Lightning(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, decay, init, scale, cu, want_final, backend, chunk):
-        F = _primitive(backend)
-        kw = {"chunk": chunk} if backend == "torch" and chunk else {}
-        o, final = F(q * scale, k, v, decay, init, 1, cu, want_final, **kw)
+        o, final = _call(backend, q, k, v, decay, init, 1, cu, want_final, chunk, q_scale=scale)
         ctx.save_for_backward(q, k, v, decay, init, cu)
-        ctx.scale, ctx.backend, ctx.kw, ctx.has_init = scale, backend, kw, init is not None
+        ctx.scale, ctx.backend, ctx.chunk = scale, backend, chunk
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, decay, init, cu = ctx.saved_tensors
-        F, kw, scale = _primitive(ctx.backend), ctx.kw, ctx.scale
-        T = q.shape[2]
+        be, ch, s = ctx.backend, ctx.chunk, ctx.scale
         do = do.contiguous()
         dq = dk = dv = dinit = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # dq = scale * F(dO, v, k, S0^T)
             init_t = None if init is None else init.transpose(-1, -2).contiguous()
-            dq = F(do, v, k, decay, init_t, 1, cu, False, **kw)[0] * scale
-        rq, rk, rv, rdo = (x.flip(2) for x in (q, k, v, do))
-        rcu = _reverse_cu(cu, T)
-        rdf = _flip_segments(dfinal, cu) if cu is not None else dfinal
-        if ctx.needs_input_grad[1]:
-            init_t = None if rdf is None else rdf.transpose(-1, -2).contiguous()
-            dk = F(rv, rdo, rq * scale, decay, init_t, 0, rcu, False, **kw)[0].flip(2)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-            rdv, fin = F(rk, rq * scale, rdo, decay, rdf, 0, rcu, ctx.needs_input_grad[4], **kw)
-            dv = rdv.flip(2) if ctx.needs_input_grad[2] else None
-            if ctx.needs_input_grad[4]:
-                fin = _flip_segments(fin, cu) if cu is not None else fin
+            dq = _call(be, do, v, k, decay, init_t, 1, cu, False, ch, q_scale=s)[0]
+        if ctx.needs_input_grad[1]:  # dk' = F(v', scale dO', q', dS_T^T)
+            init_t = None if dfinal is None else dfinal.transpose(-1, -2).contiguous()
+            dk = _call(be, v, do, q, decay, init_t, 0, cu, False, ch, k_scale=s, reverse=True)[0]
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:  # dv' = F(k', scale q', dO', dS_T)
+            dv, fin = _call(be, k, q, do, decay, dfinal, 0, cu, ctx.needs_input_grad[4], ch, k_scale=s,
+                            reverse=True)
+            if ctx.needs_input_grad[4]:  # dS0 = lam * final of the reversed dv call
                 dinit = (fin * torch.exp(-decay.to(fin.dtype)).view(1, -1, 1, 1)).to(init.dtype)
+            if not ctx.needs_input_grad[2]:
+                dv = None
         return dq, dk, dv, None, dinit, None, None, None, None, None
 
 

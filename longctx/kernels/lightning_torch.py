@@ -73,11 +73,52 @@ def _segments(B: int, T: int, cu_seqlens: Optional[Tensor], device):
 
 def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor] = None,
                         init_offset: int = 1, cu_seqlens: Optional[Tensor] = None, want_final: bool = False,
-                        chunk: int = 64, max_tile_elems: int = 1 << 26) -> Tuple[Tensor, Optional[Tensor]]:
+                        chunk: int = 64, q_scale: float = 1.0, k_scale: float = 1.0, reverse: bool = False,
+                        group_elems: int = 1 << 24) -> Tuple[Tensor, Optional[Tensor]]:
     """The primitive above. q, k: (B, H, T, K); v: (B, H, T, V); decay: (H,) >= 0; init:
     (S, H, K, V) or None with S = B (rows) or N (documents of cu_seqlens, B == 1).
     Returns o (B, H, T, V) in v's dtype and, if want_final, final (S, H, K, V) in fp32
-    (fp64 for fp64 inputs). Inputs are assumed validated (kernels/lightning.py does it)."""
+    (fp64 for fp64 inputs). Inputs are assumed validated (kernels/lightning.py does it).
+
+    q_scale / k_scale multiply q / k; reverse=True runs on the time-reversed inputs (documents
+    in reverse order) and returns outputs in reversed time too, as if the caller had flipped.
+    Both are applied here, a group of heads at a time, so that long sequences need no
+    full-size scaled or flipped copies (the backward's three calls use them)."""
+    B, H, T, K = q.shape
+    hg = max(1, min(H, group_elems // max(1, B * T * max(K, v.shape[-1]))))
+    cu = cu_seqlens
+    if reverse and cu is not None:
+        cu = (T - cu).flip(0)
+    per_doc = cu_seqlens is not None
+
+    def prep(x, sl, s):
+        x = x[:, sl]
+        if reverse:
+            x = x.flip(2)  # a copy: scale it in place
+            return x.mul_(s) if s != 1.0 else x
+        return x * s if s != 1.0 else x
+
+    outs, finals = [], []
+    for h0 in range(0, H, hg):
+        sl = slice(h0, min(H, h0 + hg))
+        ii = None
+        if init is not None:
+            ii = init[:, sl]
+            if reverse and per_doc:
+                ii = ii.flip(0)
+        og, fg = _fwd(prep(q, sl, q_scale), prep(k, sl, k_scale), prep(v, sl, 1.0), decay[sl], ii, init_offset, cu,
+                      want_final, chunk)
+        outs.append(og.flip(2) if reverse else og)
+        if fg is not None:
+            finals.append(fg.flip(0) if reverse and per_doc else fg)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o, (torch.cat(finals, dim=1) if finals else None)
+
+
+def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor], init_offset: int,
+         cu_seqlens: Optional[Tensor], want_final: bool, chunk: int,
+         tile_elems: int = 1 << 21) -> Tuple[Tensor, Optional[Tensor]]:
+    """The primitive on one group of heads, in the given time order."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -97,24 +138,26 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
     ar = torch.arange(C, device=dev, dtype=cdt)
     zero = torch.zeros((), dtype=cdt, device=dev)
 
-    # --- intra-chunk: ((Q K^T) * D) V, in slices of chunks to bound the C x C tile memory ----------
-    o = torch.empty(B, H, N, C, V, dtype=cdt, device=dev)
-    Dlog = (ar[:, None] - ar[None, :]).clamp(min=0)  # (C, C) i - j
-    Dm = torch.exp(-dec[..., None] * Dlog) * (ar[:, None] >= ar[None, :])  # (1, H, C, C) causal decay
-    step = max(1, max_tile_elems // max(1, B * H * C * C))
-    for n0 in range(0, N, step):  # one iteration up to ~64M tile elements: a loop over large groups
-        n1 = min(N, n0 + step)
-        same = (segc[:, n0:n1, :, None] == segc[:, n0:n1, None, :])[:, None]  # (B, 1, n, C, C)
-        A = qc[:, :, n0:n1] @ kc[:, :, n0:n1].transpose(-1, -2)
-        A = A * Dm[:, :, None] * same
-        o[:, :, n0:n1] = A @ vc[:, :, n0:n1]
-
-    # --- chunk states and their scan ---------------------------------------------------------------
+    docs = cu_seqlens is not None  # without documents every mask below is all-true: skip them
     last_seg = segc[:, :, -1]  # (B, N) segment running at each chunk end (-1: padding)
-    in_last = (segc == last_seg[..., None])[:, None, :, :, None]  # (B, 1, N, C, 1)
-    w_end = torch.exp(-dec[..., None] * (C - 1 - ar))  # (1, H, 1, C): lam^(C-1-j)
-    dS = (kc * (w_end[..., None] * in_last)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
-    X = dS.reshape(B, H, N, K * V)
+    # Work goes head by head, in slices of chunks sized to stay in cache: each slice of one head is
+    # contiguous, so the batched matmuls read it in place (no strided copies), and the cost per
+    # token stays flat as T grows. Each step is vectorised over thousands of tokens.
+    step = max(1, tile_elems // (C * max(C, K, V)))
+    BH = B * H
+    qf, kf, vf = qc.reshape(BH, N, C, K), kc.reshape(BH, N, C, K), vc.reshape(BH, N, C, V)
+    slices = [(bh, n0, min(N, n0 + step)) for bh in range(BH) for n0 in range(0, N, step)]
+    dec_h = decay.to(dev, cdt)
+
+    # --- chunk states: dS_n = (K_n * lam^(C-1-j))^T V_n, only tokens of the chunk's last segment --
+    w_end = torch.exp(-dec_h[:, None] * (C - 1 - ar))[:, None, :, None]  # (H, 1, C, 1): lam^(C-1-j)
+    dS = torch.empty(BH, N, K, V, dtype=cdt, device=dev)
+    for bh, n0, n1 in slices:
+        kw = kf[bh, n0:n1] * w_end[bh % H]
+        if docs:
+            kw.mul_((segc[bh // H, n0:n1] == last_seg[bh // H, n0:n1, None])[..., None])
+        torch.matmul(kw.transpose(-1, -2), vf[bh, n0:n1], out=dS[bh, n0:n1])
+    X = dS.view(B, H, N, K * V)
     seg_first_chunk = seg_start // C
     seg_first_off = seg_start % C
     if init is not None:
@@ -122,19 +165,38 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
         init_c = init.to(cdt)
         runs = last_seg[seg_row, seg_first_chunk] == torch.arange(seg_row.numel(), device=dev)  # (S,)
         e = (C - 1 - seg_first_off + init_offset).to(cdt)  # (S,)
-        J = torch.exp(-decay.to(dev, cdt)[None, :] * e[:, None])[..., None, None] * init_c  # (S, H, K, V)
+        J = torch.exp(-dec_h[None, :] * e[:, None])[..., None, None] * init_c  # (S, H, K, V)
         J = J * runs[:, None, None, None]
         X = _inject(X, seg_row, seg_first_chunk, J.reshape(-1, H, K * V))
     Rch = torch.cat([torch.zeros_like(last_seg[:, :1]), (last_seg[:, 1:] != last_seg[:, :-1]).long()], 1).cumsum(1)
     Ech = dec * (C * torch.arange(N, device=dev, dtype=cdt))  # (1, H, N)
     Sinc = decay_scan(Ech.expand(B, H, N).contiguous(), Rch, X)  # (B, H, N, K*V) state after chunk n
-    P = torch.cat([X.new_zeros(B, H, 1, K * V), Sinc[:, :, :-1]], dim=2).view(B, H, N, K, V)  # entering
+    del X, dS
+    Sf = Sinc.view(BH, N, K, V)
 
-    # --- inter-chunk: lam^(i+1) q_i P_n for the segment carried into chunk n -----------------------
+    # --- per slice: intra ((Q K^T) * D) V plus inter lam^(i+1) Q P_n (P_n: state entering chunk n) ---
+    o = torch.empty(BH, N, C, V, dtype=cdt, device=dev)
+    Dm = torch.exp(-dec_h[:, None, None] * (ar[:, None] - ar[None, :]).clamp(min=0)) * (ar[:, None] >= ar[None, :])
+    w_in = torch.exp(-dec_h[:, None] * (ar + 1))[:, None, :, None]  # (H, 1, C, 1): lam^(i+1)
     prev_last = torch.cat([last_seg.new_full((B, 1), -2), last_seg[:, :-1]], dim=1)  # (B, N)
-    carried = (segc == prev_last[..., None])[:, None, :, :, None]  # (B, 1, N, C, 1)
-    w_in = torch.exp(-dec[..., None] * (ar + 1))  # (1, H, 1, C)
-    o = o + ((qc * (w_in[..., None] * carried)) @ P)
+    for bh, n0, n1 in slices:
+        b, h = bh // H, bh % H
+        A = torch.matmul(qf[bh, n0:n1], kf[bh, n0:n1].transpose(-1, -2))  # (n, C, C)
+        A.mul_(Dm[h])
+        if docs:
+            A.mul_(segc[b, n0:n1, :, None] == segc[b, n0:n1, None, :])
+        oc = o[bh, n0:n1]
+        torch.matmul(A, vf[bh, n0:n1], out=oc)
+        del A
+        p0 = max(n0, 1)  # chunk 0 has nothing before it
+        if p0 < n1:
+            qw = qf[bh, p0:n1] * w_in[h]
+            if docs:
+                qw.mul_((segc[b, p0:n1] == prev_last[b, p0:n1, None])[..., None])
+            oc[p0 - n0:].baddbmm_(qw, Sf[bh, p0 - 1:n1 - 1])
+    o = o.view(B, H, N, C, V)
+    P = torch.cat([Sinc.new_zeros(B, H, 1, K * V), Sinc[:, :, :-1]], dim=2).view(B, H, N, K, V) \
+        if want_final else None  # entering states: only the final states need them again
 
     # --- initial states of segments starting inside a chunk -----------------------------------------
     if init is not None:
