@@ -29,34 +29,43 @@ def decay_scan(E: Tensor, R: Tensor, X: Tensor, block: int = 64) -> Tensor:
 
     E: (B, H, N) non-decreasing exponents along N; R: (B, N) non-decreasing reset counters
     (the recurrence restarts where R changes); X: (B, H, N, F). Blocks of `block` are scanned
-    with one batched matmul each; block totals are scanned recursively (depth log_block N).
+    with one batched matmul each; block totals are scanned recursively (depth log_block N) and
+    carried into the next block with one in-place multiply-add.
     """
     B, H, N, F = X.shape
+    zero = torch.zeros((), dtype=X.dtype, device=X.device)
     if N <= block:
         diff = E[..., :, None] - E[..., None, :]  # (B, H, N, N), >= 0 on and below the diagonal
         keep = (R[:, :, None] == R[:, None, :]).tril()[:, None]  # (B, 1, N, N)
-        W = torch.where(keep, torch.exp(-diff.clamp(min=0)), torch.zeros((), dtype=X.dtype, device=X.device))
-        return W @ X
-    G = -(-N // block)
-    pad = G * block - N
-    if pad:  # padded tail: own reset group, zero input; never read back
-        E = torch.cat([E, E[..., -1:].expand(B, H, pad)], dim=-1)
-        R = torch.cat([R, (R[:, -1:] + 1).expand(B, pad)], dim=-1)
-        X = torch.cat([X, X.new_zeros(B, H, pad, F)], dim=2)
-    Eb, Rb, Xb = E.view(B, H, G, block), R.view(B, G, block), X.view(B, H, G, block, F)
+        return torch.where(keep, torch.exp(-diff.clamp(min=0)), zero) @ X
+    G = N // block  # full blocks; a shorter tail block is scanned on its own
+    n = G * block
+    Y = torch.empty_like(X)
+    Eb, Rb = E[..., :n].reshape(B, H, G, block), R[:, :n].reshape(B, G, block)
     diff = Eb[..., :, None] - Eb[..., None, :]
     keep = (Rb[..., :, None] == Rb[..., None, :]).tril()[:, None]  # (B, 1, G, M, M)
-    W = torch.where(keep, torch.exp(-diff.clamp(min=0)), torch.zeros((), dtype=X.dtype, device=X.device))
-    Y = W @ Xb  # (B, H, G, M, F): scan inside each block
-    # carry: the inclusive total of everything before block g, then into each position of g
-    Z = decay_scan(Eb[..., -1], Rb[..., -1], Y[..., -1, :], block)  # (B, H, G, F)
-    Zprev = torch.cat([Z.new_zeros(B, H, 1, F), Z[:, :, :-1]], dim=2)
-    Eprev = torch.cat([Eb[..., :1, 0], Eb[..., :-1, -1]], dim=-1)  # (B, H, G)
-    Rprev = torch.cat([Rb[:, :1, 0] - 1, Rb[:, :-1, -1]], dim=-1)  # block 0 has no predecessor
-    f = torch.where((Rb == Rprev[..., None])[:, None], torch.exp(-(Eb - Eprev[..., None]).clamp(min=0)),
-                    torch.zeros((), dtype=X.dtype, device=X.device))  # (B, H, G, M)
-    Y = Y + f[..., None] * Zprev[:, :, :, None, :]
-    return Y.reshape(B, H, G * block, F)[:, :, :N]
+    W = torch.where(keep, torch.exp(-diff.clamp(min=0)), zero)
+    Yb = Y[:, :, :n].view(B, H, G, block, F)
+    torch.matmul(W, X[:, :, :n].reshape(B, H, G, block, F), out=Yb)  # scan inside each block
+    if n < N:
+        Y[:, :, n:] = decay_scan(E[..., n:], R[:, n:], X[:, :, n:], block)
+    # carry the inclusive total of everything before each block into the block
+    ends = torch.arange(block - 1, N, block, device=X.device)
+    if n < N:
+        ends = torch.cat([ends, ends.new_tensor([N - 1])])
+    Z = decay_scan(E[..., ends].contiguous(), R[:, ends].contiguous(), Y[:, :, ends], block)  # (B, H, Gt, F)
+    starts = torch.arange(block, N, block, device=X.device)  # blocks that have a predecessor
+    Eprev, Rprev = E[..., starts - 1], R[:, starts - 1]  # (B, H, Gt-1), (B, Gt-1)
+    if G > 1:  # full blocks 1..G-1: broadcast each predecessor's total over the block (no gather)
+        Ef, Rf = Eb[:, :, 1:], Rb[:, 1:]  # (B, H, G-1, M), (B, G-1, M)
+        f = torch.where((Rf == Rprev[:, :G - 1, None])[:, None],
+                        torch.exp(-(Ef - Eprev[..., :G - 1, None]).clamp(min=0)), zero)
+        Yb[:, :, 1:].addcmul_(f[..., None], Z[:, :, :G - 1, None, :])
+    if n < N:  # the tail block
+        f = torch.where((R[:, n:] == Rprev[:, -1:])[:, None], torch.exp(-(E[..., n:] - Eprev[..., -1:]).clamp(min=0)),
+                        zero)
+        Y[:, :, n:].addcmul_(f[..., None], Z[:, :, -2:-1, :])
+    return Y
 
 
 def _segments(B: int, T: int, cu_seqlens: Optional[Tensor], device):
