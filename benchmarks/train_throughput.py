@@ -95,6 +95,8 @@ def time_longctx(cfg, warmup, run_dir):
 
 
 def main():
+    from longctx.kernels.cpu import tune_allocator
+    tune_allocator()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)

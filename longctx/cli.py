@@ -105,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # DeepSpeed still calls collectives that torch renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    from longctx.kernels.cpu import tune_allocator
+    tune_allocator()  # large CPU temporaries reuse heap pages instead of faulting in new ones
     try:
         code = args.func(args)
     except _user_errors() as exc:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.kernels.lightning import lightning_attn_rows
-from longctx.parallel.comm import all_gather
+from longctx.parallel.comm import all_gather, send_recv
 from longctx.parallel.groups import SPHandle
 
 Tensor = torch.Tensor
@@ -44,6 +44,41 @@ class _StatePrefix(torch.autograd.Function):
         return torch.einsum("rbh,rbhkv->bhkv", M[:, ctx.rank].to(Gd.dtype), Gd), None, None, None
 
 
+class _RingPrefix(torch.autograd.Function):
+    """The same prefix as a chain (LASP-1 style): rank r waits for rank r-1's outgoing state,
+    S_in = cont * S_out[r-1], S_out = single * lam^T_loc * S_in + F, and sends S_out on.
+    The backward runs the chain in reverse. P - 1 dependent hops per layer and direction."""
+
+    @staticmethod
+    def forward(ctx, F, lam_T, cont, single, sp):
+        prev = sp.rank - 1 if sp.rank > 0 else None
+        nxt = sp.rank + 1 if sp.rank < sp.size - 1 else None
+        g = dist.get_global_rank
+        S_prev = send_recv(None, None, F, g(sp.group, prev) if prev is not None else None, sp.group,
+                           op="lightning_state_ring")
+        S_in = torch.zeros_like(F) if S_prev is None else S_prev * cont[:, None, None, None].to(F.dtype)
+        S_out = S_in * (single[:, None].to(F.dtype) * lam_T[None, :].to(F.dtype))[..., None, None] + F
+        send_recv(S_out, g(sp.group, nxt) if nxt is not None else None, None, None, sp.group)
+        ctx.save_for_backward(lam_T, cont, single)
+        ctx.sp = sp
+        return S_in
+
+    @staticmethod
+    def backward(ctx, dS_in):
+        lam_T, cont, single = ctx.saved_tensors
+        sp = ctx.sp
+        g = dist.get_global_rank
+        nxt = sp.rank + 1 if sp.rank < sp.size - 1 else None
+        prev = sp.rank - 1 if sp.rank > 0 else None
+        gout = send_recv(None, None, dS_in, g(sp.group, nxt) if nxt is not None else None, sp.group,
+                         op="lightning_state_ring_grad")
+        dS_out = torch.zeros_like(dS_in) if gout is None else gout
+        total = dS_in + dS_out * (single[:, None].to(dS_in.dtype) * lam_T[None, :].to(dS_in.dtype))[..., None, None]
+        send_recv(total * cont[:, None, None, None].to(total.dtype), g(sp.group, prev) if prev is not None else None,
+                  None, None, sp.group)
+        return dS_out, None, None, None, None
+
+
 def _prefix_matrix(decay: Tensor, T_loc: int, cont: Tensor, single: Tensor) -> Tensor:
     """M (P, P, B, H): weight of rank m's final state in rank r's incoming state.
 
@@ -64,12 +99,15 @@ def _prefix_matrix(decay: Tensor, T_loc: int, cont: Tensor, single: Tensor) -> T
 
 
 def lightning_attn_sp(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float, sp: SPHandle,
-                      doc_ids: Optional[Tensor] = None) -> Tensor:
+                      doc_ids: Optional[Tensor] = None, mode: str = "allgather") -> Tensor:
     """Exact lightning attention of the whole sequence; each rank passes its contiguous shard.
 
     q, k: (B, H, T_loc, K); v: (B, H, T_loc, V); doc_ids: (B, T_loc) global document ids of
     this shard's tokens (equal ids across a shard boundary mean the same document), or None.
+    mode: "allgather" (one collective) or "ring" (a chain of P - 1 hops); same result.
     Returns this shard's output (B, H, T_loc, V)."""
+    if mode not in ("allgather", "ring"):
+        raise ValueError(f"mode={mode!r}: use 'allgather' or 'ring'")
     if sp.layout != "contiguous":
         raise ValueError(f"lightning attention needs the contiguous sequence layout, got {sp.layout!r}")
     B, H, T_loc, K = q.shape
@@ -84,8 +122,12 @@ def lightning_attn_sp(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: flo
     cont = torch.zeros(sp.size, B, dtype=torch.bool, device=q.device)
     cont[1:] = E[1:, :, 0] == E[:-1, :, 1]
     single = E[:, :, 0] == E[:, :, 1]
-    M = _prefix_matrix(decay, T_loc, cont, single)
-    S_in = _StatePrefix.apply(F.float() if F.dtype != torch.float64 else F, M, sp.rank, sp.group)
+    F = F.float() if F.dtype != torch.float64 else F
+    if mode == "ring":
+        lam_T = torch.exp(-decay.to(F.dtype) * T_loc)
+        S_in = _RingPrefix.apply(F, lam_T, cont[sp.rank], single[sp.rank], sp)
+    else:
+        S_in = _StatePrefix.apply(F, _prefix_matrix(decay, T_loc, cont, single), sp.rank, sp.group)
     t = torch.arange(T_loc, device=q.device)
     in_first = (t[None, :] < first_len[:, None])  # (B, T_loc)
     w = torch.exp(-decay.to(S_in.dtype)[None, :, None] * (t + 1).to(S_in.dtype)) * in_first[:, None]  # (B,H,T)

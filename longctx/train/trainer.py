@@ -126,6 +126,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by every launcher we support
     if device.type == "cpu":
+        from longctx.kernels.cpu import tune_allocator
+        tune_allocator()
         torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
     t, c = cfg.train, cfg.checkpoint

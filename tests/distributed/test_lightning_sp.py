@@ -39,7 +39,7 @@ def reference(T, docs, seed):
     return o.detach(), grads
 
 
-def worker(rank, world):
+def worker(rank, world, mode="allgather"):
     out = []
     group = dist.group.WORLD
     for i, (T, docs) in enumerate(CASES):
@@ -49,15 +49,16 @@ def worker(rank, world):
         ql, kl, vl = (x[:, :, sl].clone().requires_grad_() for x in (q, k, v))
         COMM.reset()
         o = lightning_attn_sp(ql, kl, vl, DECAY, 0.8, SPHandle(group, rank, world),
-                              None if doc_ids is None else doc_ids[:, sl])
+                              None if doc_ids is None else doc_ids[:, sl], mode=mode)
         grads = torch.autograd.grad((o * go[:, :, sl]).sum(), (ql, kl, vl))
         out.append((o.detach(), grads, dict(COMM.bytes)))
     return out
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_state_passing_exact(world):
-    results = run_world(world, worker)
+@pytest.mark.parametrize("world, mode", [(1, "allgather"), (2, "allgather"), (3, "allgather"), (4, "allgather"),
+                                         (3, "ring"), (4, "ring")])
+def test_state_passing_exact(world, mode):
+    results = run_world(world, worker, mode)
     for i, (T, docs) in enumerate(CASES):
         o_ref, g_ref = reference(T, docs, i)
         o = torch.cat([r[i][0] for r in results], dim=2)
@@ -67,10 +68,14 @@ def test_state_passing_exact(world):
             torch.testing.assert_close(g, g_ref[j], rtol=1e-12, atol=1e-12, msg=f"d{name} case {i}")
         # communication: one all-gather of P states each way, independent of the length T
         state_bytes = (world - 1) * B * H * K * V * 8
-        for r in results:
+        for rk, r in enumerate(results):
             comm = r[i][2]
             if world == 1:
                 assert comm == {}
+            elif mode == "ring":  # one state per hop received, each way (rank 0 receives none forward)
+                hop = B * H * K * V * 8
+                assert comm.get("lightning_state_ring", 0) == (hop if rk > 0 else 0)
+                assert comm.get("lightning_state_ring_grad", 0) == (hop if rk < world - 1 else 0)
             else:
                 assert comm["lightning_state"] == state_bytes and comm["lightning_state_grad"] == state_bytes
                 assert comm["lightning_doc_ids"] == (world - 1) * B * 2 * 8
