@@ -107,7 +107,8 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
             return x.mul_(s) if s != 1.0 else x
         return x * s if s != 1.0 else x
 
-    outs, finals = [], []
+    o_all = torch.empty(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)  # written per group, no cat
+    finals = []
     for h0 in range(0, H, hg):
         sl = slice(h0, min(H, h0 + hg))
         ii = None
@@ -117,11 +118,11 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
                 ii = ii.flip(0)
         og, fg = _fwd(prep(q, sl, q_scale), prep(k, sl, k_scale), prep(v, sl, 1.0), decay[sl], ii, init_offset, cu,
                       want_final, chunk)
-        outs.append(og.flip(2) if reverse else og)
+        o_all[:, sl] = og.flip(2) if reverse else og
+        del og
         if fg is not None:
             finals.append(fg.flip(0) if reverse and per_doc else fg)
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return o, (torch.cat(finals, dim=1) if finals else None)
+    return o_all, (torch.cat(finals, dim=1) if finals else None)
 
 
 def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor], init_offset: int,
