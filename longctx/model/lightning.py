@@ -43,6 +43,14 @@ def tnl_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
 class LightningAttention(nn.Module):
     supports_sp = True  # by state passing: see parallel/state_passing.py
 
+    @staticmethod
+    def mixer_fwd_flops(cfg, seq_len: int, chunk: int = 64):
+        """q, k, v, gate, out projections; per token the chunked kernel's intra-chunk tiles
+        (2 x 2*C*hd, full tiles), inter-chunk product and chunk state (2 x 2*hd*hd) per head."""
+        d, H = cfg.d_model, cfg.n_heads
+        hd = d // H
+        return 5 * d * d, H * (4 * chunk * hd + 4 * hd * hd)
+
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -146,14 +146,23 @@ def count_params(model: nn.Module) -> Dict[str, int]:
 
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting:
-    6 * matmul params + causal attention 6 * n_layers * seq_len * d_model (QK^T and AV, half
-    of the square for causal). Mixers other than softmax override their layer's share later."""
-    d, L = cfg.d_model, cfg.n_layers
-    hd = d // cfg.n_heads
-    kv = (cfg.n_kv_heads or cfg.n_heads) * hd
+    6 x matmul parameters, plus each mixer's sequence-mixing matmuls. A mixer class may define
+    `mixer_fwd_flops(cfg, seq_len) -> (projection params, forward mixing FLOPs per token)`;
+    the default is softmax attention: q, k, v, o projections and causal QK^T and AV (2*T*d each
+    over all heads, halved by causality)."""
+    from longctx.model.mixers import MIXERS
+    d = cfg.d_model
     ffn = cfg.ffn_hidden or llama_ffn_hidden(d)
-    per_layer = d * d + 2 * d * kv + d * d + 3 * d * ffn
-    matmul = L * per_layer + d * cfg.vocab_size
-    # forward per token and layer: QK^T and AV are 2*T*d each over all heads, halved by causality
-    attn_fwd = L * (2 * seq_len * d + 2 * seq_len * d) * 0.5
-    return 6.0 * matmul + 3.0 * attn_fwd
+    matmul, mix_fwd = d * cfg.vocab_size, 0.0
+    for name in layer_mixers(list(cfg.mixers), cfg.n_layers):
+        f = getattr(MIXERS[name], "mixer_fwd_flops", None) or softmax_fwd_flops
+        params, fwd = f(cfg, seq_len)
+        matmul += params + 3 * d * ffn
+        mix_fwd += fwd
+    return 6.0 * matmul + 3.0 * mix_fwd
+
+
+def softmax_fwd_flops(cfg, seq_len: int):
+    d = cfg.d_model
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (d // cfg.n_heads)
+    return 2 * d * d + 2 * d * kv, (2 * seq_len * d + 2 * seq_len * d) * 0.5

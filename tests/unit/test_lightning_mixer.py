@@ -57,3 +57,18 @@ def test_sp_refused_for_softmax_named():
         load_config("configs/tiny-cpu.yaml", ["parallel.sp=2", "model.mixers=[lightning,softmax]"])
     c = load_config("configs/tiny-cpu.yaml", ["parallel.sp=2", "model.mixers=[lightning]"])
     assert c.parallel.sp == 2
+
+
+def test_flops_per_token_counts_lightning_layers():
+    """6 x the model's matmul parameters (q, k, v, gate, out per lightning layer, MLPs, head)
+    plus 3 x the kernel's forward mixing FLOPs; a hybrid adds softmax's causal term."""
+    from longctx.model.lightning import LightningAttention
+    from longctx.model.transformer import count_params, flops_per_token, softmax_fwd_flops
+    c = cfg("model.mixers=[lightning]")
+    L = 64
+    mixing = 3 * c.n_layers * LightningAttention.mixer_fwd_flops(c, L)[1]
+    assert flops_per_token(c, L) == 6 * count_params(DecoderLM(c))["matmul"] + mixing
+    h = cfg("model.mixers=[lightning,lightning,softmax]")
+    expected = 6 * count_params(DecoderLM(h))["matmul"] + 3 * (2 * LightningAttention.mixer_fwd_flops(h, L)[1]
+                                                                + softmax_fwd_flops(h, L)[1])
+    assert flops_per_token(h, L) == expected
