@@ -300,6 +300,12 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     _need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2=({t.beta1}, {t.beta2}) must be in [0, 1)")
     ds = cfg.deepspeed
+    owned = {"train_micro_batch_size_per_gpu": "data.micro_batch_size", "gradient_accumulation_steps":
+             "train.grad_accum", "train_batch_size": "data.micro_batch_size and train.grad_accum",
+             "gradient_clipping": "train.grad_clip"}
+    for key, ours in owned.items():
+        _need(key not in ds.raw, f"deepspeed.raw.{key}: set {ours} instead (the trainer's loss scaling and step "
+                                 f"boundaries are derived from it)")
     _need(not ds.offload_optimizer or ds.zero_stage >= 1,
           f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
     _need(not ds.offload_param or ds.zero_stage == 3,

@@ -185,7 +185,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float 
     be = pick_backend(q, backend)
     if initial_state is not None and q.dtype != torch.float64:
         initial_state = initial_state.float()
-    o, final = _Lightning.apply(q, k, v, decay.detach(), initial_state, float(scale), cu_seqlens,
+    o, final = _Lightning.apply(q, k, v, decay.detach().to(q.device), initial_state, float(scale), cu_seqlens,
                                 bool(return_state), be, chunk)
     return (o, final) if return_state else o
 

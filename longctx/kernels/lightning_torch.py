@@ -104,12 +104,8 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
         cu = (T - cu).flip(0)
     per_doc = cu_seqlens is not None
 
-    def prep(x, sl, s):
-        x = x[:, sl]
-        if reverse:
-            x = x.flip(2)  # a copy: scale it in place
-            return x.mul_(s) if s != 1.0 else x
-        return x * s if s != 1.0 else x
+    def prep(x, sl):
+        return x[:, sl].flip(2) if reverse else x[:, sl]
 
     o_all = torch.empty(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)  # written per group, no cat
     finals = []
@@ -120,8 +116,8 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
             ii = init[:, sl]
             if reverse and per_doc:
                 ii = ii.flip(0)
-        og, fg = _fwd(prep(q, sl, q_scale), prep(k, sl, k_scale), prep(v, sl, 1.0), decay[sl], ii, init_offset, cu,
-                      want_final, chunk)
+        og, fg = _fwd(prep(q, sl), prep(k, sl), prep(v, sl), decay[sl], ii, init_offset, cu, want_final, chunk,
+                      q_scale, k_scale)
         o_all[:, sl] = og.flip(2) if reverse else og
         del og
         if fg is not None:
@@ -130,15 +126,18 @@ def lightning_fwd_torch(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Op
 
 
 def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor], init_offset: int,
-         cu_seqlens: Optional[Tensor], want_final: bool, chunk: int,
+         cu_seqlens: Optional[Tensor], want_final: bool, chunk: int, q_scale: float = 1.0, k_scale: float = 1.0,
          tile_elems: int = 1 << 21) -> Tuple[Tensor, Optional[Tensor]]:
-    """The primitive on one group of heads, in the given time order."""
+    """The primitive on one group of heads, in the given time order; scales applied after the
+    upcast (scaling bf16 inputs in bf16 would round once more)."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     dev = q.device
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_dtype = v.dtype
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    q = q * q_scale if q_scale != 1.0 else q
+    k = k * k_scale if k_scale != 1.0 else k
     dec = decay.to(device=dev, dtype=cdt).view(1, H, 1)  # (1, H, 1)
     C = max(1, min(chunk, T))
     N = -(-T // C)

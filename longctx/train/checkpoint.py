@@ -146,19 +146,25 @@ def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int) -> 
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     folder = os.path.join(root, tag)
+    verdict = [None]
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.isdir(folder):
             if check_complete(folder, verify=False) is None:
-                # Resume logic refuses to run behind a newer complete checkpoint, so this
-                # only happens on a repeated save of the same step: keep the first one.
-                raise CheckpointError(f"checkpoint {folder} already exists and is complete; refusing to overwrite it")
-            shutil.rmtree(folder)  # leftovers of a save killed midway
-    _barrier()
+                # Resume refuses to run behind a newer complete checkpoint, so this only happens
+                # on a repeated save of the same step: keep the first one.
+                verdict[0] = f"checkpoint {folder} already exists and is complete; refusing to overwrite it"
+            else:
+                shutil.rmtree(folder)  # leftovers of a save killed midway
+    if dist.is_initialized():
+        dist.broadcast_object_list(verdict, src=0)  # every rank raises together, none waits forever
+    if verdict[0]:
+        raise CheckpointError(verdict[0])
     engine.save_checkpoint(root, tag=tag, client_state={"longctx_step": step}, save_latest=False)
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
     if rank == 0:
         atomic_write(os.path.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
+    _fsync_files(folder)  # shards on disk before the manifest can vouch for them
     _barrier()
     if rank == 0:
         write_manifest(folder)
@@ -166,6 +172,15 @@ def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int) -> 
         prune(root, keep_last)
     _barrier()
     return folder
+
+
+def _fsync_files(folder: str) -> None:
+    for rel in _files(folder):
+        fd = os.open(os.path.join(folder, rel), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def prune(root: str, keep_last: int) -> List[str]:
@@ -183,6 +198,27 @@ def prune(root: str, keep_last: int) -> List[str]:
         shutil.rmtree(f, ignore_errors=True)
         removed.append(f)
     return removed
+
+
+def set_aside_unusable(root: str, newer_than: Optional[str], verify: bool) -> List[str]:
+    """Rename checkpoints newer than `newer_than` that have a manifest but fail it (corrupt) to
+    `<name>.unusable-<n>`: kept for inspection, out of the way of the saves that will redo their
+    steps. Folders without a manifest (saves killed midway) stay; the next save replaces them.
+    Returns one line per folder moved."""
+    floor = step_of(os.path.basename(newer_than)) if newer_than else -1
+    notes = []
+    for f in list_checkpoints(root):
+        if step_of(os.path.basename(f)) <= floor or not os.path.exists(os.path.join(f, MANIFEST)):
+            continue
+        why = check_complete(f, verify)
+        if why:
+            n, dest = 0, f + ".unusable"
+            while os.path.exists(dest):
+                n += 1
+                dest = f"{f}.unusable-{n}"
+            os.rename(f, dest)
+            notes.append(f"skipped {os.path.basename(f)} ({why}); moved it to {os.path.basename(dest)}")
+    return notes
 
 
 def resolve_resume(root: str, resume: Optional[str], verify: bool) -> Optional[str]:

@@ -89,18 +89,39 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
         pairs = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diff[:4])
         raise TrainingError(f"checkpoint {folder} was saved by another model config ({pairs}); "
                             f"use the config it was trained with or a new train.run_dir")
-    if meta.get("world_size") != world and cfg.deepspeed.zero_stage >= 1:
+    if meta.get("world_size") != world:
         raise TrainingError(
-            f"checkpoint {folder} holds ZeRO-{cfg.deepspeed.zero_stage} shards of {meta.get('world_size')} ranks "
-            f"but this run has {world}: relaunch with {meta.get('world_size')} processes "
-            f"(resharding to another world size is not supported yet)")
+            f"checkpoint {folder} holds ZeRO-{meta.get('zero_stage')} shards and RNG states of "
+            f"{meta.get('world_size')} ranks but this run has {world}: relaunch with {meta.get('world_size')} "
+            f"processes (resharding to another world size is not supported yet)")
+    for key, now_v in (("grad_accum", cfg.train.grad_accum), ("sp", cfg.parallel.sp)):
+        if key in meta and meta[key] != now_v:
+            name = "train.grad_accum" if key == "grad_accum" else "parallel.sp"
+            raise TrainingError(f"checkpoint {folder} was saved with {name}={meta[key]} but the config says {now_v}: "
+                                f"the data stream would not continue where it stopped; use {meta[key]}")
     if meta.get("zero_stage") != cfg.deepspeed.zero_stage:
         raise TrainingError(f"checkpoint {folder} was saved with deepspeed.zero_stage={meta.get('zero_stage')} "
                             f"but the config says {cfg.deepspeed.zero_stage}: use the same stage to resume")
-    for key in ("seed", "seq_len", "kind"):
-        if meta.get("data", {}).get(key) != cfg.data[key]:
+    for key in ("seed", "seq_len", "kind", "micro_batch_size"):
+        if key in meta.get("data", {}) and meta["data"][key] != cfg.data[key]:
             raise TrainingError(f"checkpoint {folder} was saved with data.{key}={meta['data'].get(key)!r} but the "
                                 f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
+
+
+def _check_gradients(engine, t, step: int, last_good: Optional[str]) -> None:
+    """After an optimizer step: were the gradients finite? DeepSpeed reports a skipped update
+    (ZeRO-1/2 overflow checks, fp16/bf16 optimizers) through was_step_applied, and the global
+    norm it clips with; outside fp16 loss scaling either means non-finite gradients."""
+    if t.precision == "fp16":
+        return  # overflow skips are the loss scaler's normal work
+    gn = engine.get_global_grad_norm()
+    bad_norm = gn is not None and not math.isfinite(float(gn))
+    if not engine.was_step_applied():
+        _nonfinite("gradients", step, last_good, t.on_nonfinite)  # DeepSpeed left the weights alone
+    elif bad_norm:
+        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
+        raise TrainingError(f"non-finite gradients at step {step} were applied to the weights ({where}); "
+                            f"resume with --resume auto after lowering train.lr (or enable train.grad_clip)")
 
 
 def _nonfinite(what: str, step: int, last_good: Optional[str], policy: str) -> None:
@@ -138,6 +159,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     if rank == 0:
         try:
             decision[0] = ckpt.resolve_resume(ckpt_root, resume, c.verify)
+            if resume == "auto":  # newer but unusable checkpoints: say so, and keep them out of the way
+                for note in ckpt.set_aside_unusable(ckpt_root, decision[0], c.verify):
+                    _log0(f"--resume auto: {note}")
         except ckpt.CheckpointError as exc:
             decision[1] = str(exc)
     dist.broadcast_object_list(decision, src=0)
@@ -231,33 +255,32 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
             engine.backward(loss_sum * (world * ga / n_global))
             engine.step()
             loss_sum_local += float(loss_sum.detach())
-        if not skipped and t.precision != "fp16" and not engine.was_step_applied():
-            # Outside fp16 loss scaling, DeepSpeed skips an update only for non-finite gradients.
-            _nonfinite("gradients", step + 1, last_good, t.on_nonfinite)
+        if not skipped:
+            _check_gradients(engine, t, step + 1, last_good)
         sampler.advance(step)
-        if skipped:
-            continue
-        loss = _allreduce([loss_sum_local], device)[0] / n_global
-        losses.append(loss)
-        tokens_seen += tokens_per_step
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == end_step):
-            gn = engine.get_global_grad_norm()
-            tps = tokens_per_step / dt
-            rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
-                   "tokens_per_s": tps, "mfu": fpt * tps / peak, "step_s": dt,
-                   "grad_norm": float(gn) if gn is not None else None, **device_memory(device)}
-            log.write(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
+        if not skipped:
+            loss = _allreduce([loss_sum_local], device)[0] / n_global
+            losses.append(loss)
+            tokens_seen += tokens_per_step
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == end_step):
+                gn = engine.get_global_grad_norm()
+                tps = tokens_per_step / dt
+                rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
+                       "tokens_per_s": tps, "mfu": fpt * tps / peak, "step_s": dt,
+                       "grad_norm": float(gn) if gn is not None else None, **device_memory(device)}
+                log.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
         if bar is not None:
             bar.update(1)
         done = step + 1
         if done % c.every == 0 or (done == end_step and c.save_final):
             meta = {"step": done, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
                     "zero_stage": cfg.deepspeed.zero_stage, "model": model_signature(cfg),
-                    "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind")},
+                    "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind", "micro_batch_size")},
+                    "grad_accum": t.grad_accum, "sp": cfg.parallel.sp,
                     "config": OmegaConf.to_container(cfg, resolve=True)}
             last_good = ckpt.save(engine, ckpt_root, done, meta, c.keep_last)
             if rank == 0 and t.plot:

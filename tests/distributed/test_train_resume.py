@@ -90,4 +90,4 @@ def test_resume_at_other_world_size_refused(workdir, full_z2):
                                 "--resume", "auto"], workdir)
     assert proc.returncode == 2
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and "ZeRO-2 shards of 2 ranks" in err[0] and "relaunch with 2 processes" in err[0], proc.stderr
+    assert len(err) == 1 and "ZeRO-2 shards and RNG states of 2 ranks" in err[0] and "relaunch with 2 processes" in err[0], proc.stderr

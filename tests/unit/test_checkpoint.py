@@ -93,3 +93,18 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     ckpt.atomic_write(p, b"step_00000002")
     assert open(p).read() == "step_00000002"
     assert os.listdir(tmp_path) == ["latest"]  # no temp file left behind
+
+
+def test_corrupt_newer_checkpoint_set_aside_not_deleted(tmp_path):
+    root = str(tmp_path)
+    fake_checkpoint(root, 10)
+    f20 = fake_checkpoint(root, 20)
+    with open(os.path.join(f20, "mp_rank_00_model_states.pt"), "ab") as f:
+        f.write(b"garbage")
+    fake_checkpoint(root, 30, complete=False)  # a killed save: left for the next save to replace
+    chosen = ckpt.resolve_resume(root, "auto", verify=True)
+    assert chosen.endswith(ckpt.tag_for(10))
+    notes = ckpt.set_aside_unusable(root, chosen, verify=True)
+    assert len(notes) == 1 and "step_00000020" in notes[0] and "SHA-256" in notes[0]
+    assert os.path.isdir(f20 + ".unusable")  # kept for inspection
+    assert [os.path.basename(f) for f in ckpt.list_checkpoints(root)] == [ckpt.tag_for(30), ckpt.tag_for(10)]

@@ -49,6 +49,8 @@ def test_wrong_type_names_key():
     (["deepspeed.offload_param=true", "deepspeed.zero_stage=2"], ["offload_param", "zero_stage=3"]),
     (["train.warmup_steps=-1"], ["train.warmup_steps=-1"]),
     (["data.kind=tokens"], ["data.path"]),
+    (["deepspeed.raw={gradient_accumulation_steps: 4}"], ["deepspeed.raw.gradient_accumulation_steps",
+                                                           "train.grad_accum"]),
 ])
 def test_inconsistent_values(ov, words):
     msg = err(ov)
