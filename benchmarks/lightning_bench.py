@@ -107,7 +107,7 @@ def main():
         have_peer = False
     rows, peer_cost = [], None  # peer seconds per token (fwd+bwd), to skip lengths it cannot finish
     for T in map(parse_len, args.lengths.split(",")):
-        reps = 3 if T <= 65536 else 2  # best of: the first call at a new size pays first-touch page faults
+        reps = 3  # best of: the first call at a new size pays first-touch page faults
         print(f"T={T:,} ...", file=sys.stderr, flush=True)
         t_f, t_fb = ours(T, H, D, decay, reps)
         row = {"T": T, "fwd_tok_s": T / t_f, "fwdbwd_tok_s": T / t_fb, "fwd_flop_frac": fpt * T / t_f / peak,
