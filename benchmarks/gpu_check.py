@@ -115,7 +115,7 @@ def time_lightning(lengths: List[int]):
         RESULTS["timings"].append(row)
         print("time " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
-        del q, k, v
+        q = k = v = None  # free before the next length
         torch.cuda.empty_cache()
 
 

@@ -16,7 +16,6 @@ decay underflows to an exact 0.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -138,7 +137,6 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor],
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     q = q * q_scale if q_scale != 1.0 else q
     k = k * k_scale if k_scale != 1.0 else k
-    dec = decay.to(device=dev, dtype=cdt).view(1, H, 1)  # (1, H, 1)
     C = max(1, min(chunk, T))
     N = -(-T // C)
     pad = N * C - T

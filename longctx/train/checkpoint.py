@@ -16,7 +16,6 @@ Assumes a file system shared by all ranks, as DeepSpeed does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from longctx.train.files import atomic_write, sha256_file  # noqa: F401 (part of this module's API)
 
 MANIFEST = "MANIFEST.json"
 META = "longctx.json"
@@ -45,30 +46,6 @@ def tag_for(step: int) -> str:
 def step_of(tag: str) -> Optional[int]:
     m = _TAG_RE.match(tag)
     return int(m.group(1)) if m else None
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write, fsync, rename over, fsync the folder: readers see the old file or the new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: str) -> List[str]:

@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import random
-import uuid
-from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
+
+from longctx.train.files import fsync_dir, sha256_file, write_tmp
 import torch
 
 from longctx.eval.passkey import passkey_sample
@@ -132,35 +133,6 @@ def _paths(prefix: str) -> Tuple[str, str, str]:
     return prefix + ".bin", prefix + ".docs.npy", prefix + ".json"
 
 
-def _tmp_name(path: str) -> str:
-    # pid + random suffix: two writers never share a temporary file.
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable: fsync the directory holding `path`."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_tmp(path: str, write: Callable) -> str:
-    """Call write(fileobj) on a fresh temporary file next to `path`, fsync it, return its name."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return tmp
-
-
 def _write_bin(f, docs: Iterable[np.ndarray], dtype: np.dtype, eos_id: int, vocab_size: int):
     """Stream documents into `f`; returns (doc_starts list, n_tokens, sha256 hex)."""
     sha, starts, n = hashlib.sha256(), [], 0
@@ -194,16 +166,16 @@ def _write_token_file(prefix: str, docs: Iterable[np.ndarray], tokenizer) -> dic
 
     tmps = []
     try:
-        tmps.append((_write_tmp(bin_path, write_bin), bin_path))
+        tmps.append((write_tmp(bin_path, write_bin), bin_path))
         starts = np.asarray(out["starts"], dtype=np.int64)
-        tmps.append((_write_tmp(docs_path, lambda f: np.save(f, starts)), docs_path))
+        tmps.append((write_tmp(docs_path, lambda f: np.save(f, starts)), docs_path))
         meta = {
             "format": FORMAT, "dtype": dtype.name, "n_tokens": int(out["n"]),
             "n_docs": int(starts.size), "vocab_size": int(tokenizer.vocab_size),
             "tokenizer": tokenizer.name, "eos_id": int(tokenizer.eos_id), "sha256": out["sha"],
         }
         text = (json.dumps(meta, indent=2) + "\n").encode()
-        tmps.append((_write_tmp(json_path, lambda f: f.write(text)), json_path))
+        tmps.append((write_tmp(json_path, lambda f: f.write(text)), json_path))
     except BaseException:
         for tmp, _ in tmps:
             os.remove(tmp)
@@ -213,7 +185,7 @@ def _write_token_file(prefix: str, docs: Iterable[np.ndarray], tokenizer) -> dic
         os.remove(json_path)
     for tmp, final in tmps:  # json is last in the list
         os.replace(tmp, final)
-    _fsync_dir(json_path)
+    fsync_dir(json_path)
     return meta
 
 
@@ -310,14 +282,6 @@ def _load_doc_starts(docs_path: str, n_docs: int, n_tokens: int) -> np.ndarray:
     return starts
 
 
-def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 class TokenFile:
     """Read-only view of a token file: memory-mapped tokens plus document starts.
 
@@ -338,7 +302,7 @@ class TokenFile:
         if size != n * dtype.itemsize:
             raise _corrupt(bin_path, f"{size} bytes, expected {n} tokens x {dtype.itemsize} = "
                                      f"{n * dtype.itemsize}")
-        if verify and _sha256_file(bin_path) != self.meta["sha256"]:
+        if verify and sha256_file(bin_path) != self.meta["sha256"]:
             raise _corrupt(bin_path, "sha256 mismatch")
         self.doc_starts = _load_doc_starts(docs_path, int(self.meta["n_docs"]), n)
         # np.memmap cannot map an empty file; an empty token file has no tokens to read anyway.

@@ -2,7 +2,6 @@
 an interrupted-and-resumed run reproduces the uninterrupted run's losses bit for bit."""
 import json
 import os
-import shutil
 
 import pytest
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longctx.kernels.lightning import lightning_attn
-from longctx.kernels.lightning_torch import decay_scan, lightning_fwd_torch, lightning_naive
+from longctx.kernels.lightning_torch import decay_scan, lightning_naive
 
 F64 = torch.float64
 
