@@ -1,0 +1,92 @@
+"""`flash_attn`: softmax attention returning (out, lse), forward and backward, grouped-query
+heads, causal / sliding-window / document masks from global positions. The torch path is in
+flash_torch.py (CPU, and the reference); a Triton kernel is issue 4's next step. Gradients also
+flow through lse, which log-sum-exp merges of partial results (ring attention) need.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from longctx.kernels.flash_torch import flash_bwd_torch, flash_fwd_torch
+
+Tensor = torch.Tensor
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Flash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block):
+        o, lse = flash_fwd_torch(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block)
+        ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc)
+        ctx.args = (causal, scale, window, block)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
+        causal, scale, window, block = ctx.args
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = flash_bwd_torch(do.contiguous(), q, k, v, o, lse, causal, scale, window, q_pos, k_pos,
+                                     q_doc, k_doc, block, dlse)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _docs_from_cu(cu: Tensor, T: int, name: str) -> Tensor:
+    c = cu.tolist()
+    if cu.dim() != 1 or len(c) < 2 or c[0] != 0 or c[-1] != T or any(b <= a for a, b in zip(c, c[1:])):
+        raise ValueError(f"{name}: expected strictly increasing offsets from 0 to the sequence length {T}")
+    return torch.searchsorted(cu.to(torch.long), torch.arange(T, device=cu.device), right=True)[None] - 1
+
+
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+               window: Optional[int] = None, doc_ids=None, cu_seqlens: Optional[Tensor] = None,
+               q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
+               block: int = 256) -> Tuple[Tensor, Tensor]:
+    """Attention with log-sum-exp.
+
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv); H % Hkv == 0 (grouped-query).
+    causal / window (keys i - window < j <= i, both sides when not causal) use global positions
+    q_pos (Tq,) and k_pos (Tk,) (default 0..T-1). doc_ids: (B, T) ids shared by q and k, or a
+    pair (q_doc (B, Tq), k_doc (B, Tk)); cu_seqlens (B == 1) is the same as document ids.
+    Returns out (B, H, Tq, Dv) and lse (B, H, Tq) in fp32 (-inf where a row sees no key).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, seq, dim)")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64")
+    B, H, Tq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)} "
+                         f"(batch and head dim must agree; v must match k's batch, heads and length)")
+    if H % k.shape[1]:
+        raise ValueError(f"q: {H} heads are not a multiple of k's {k.shape[1]} heads (grouped-query attention)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window: expected a positive int, got {window!r}")
+    if block < 1:
+        raise ValueError(f"block: expected >= 1, got {block}")
+    Tk = k.shape[2]
+    dev = q.device
+    q_pos = torch.arange(Tq, device=dev) if q_pos is None else q_pos.to(dev, torch.long)
+    k_pos = torch.arange(Tk, device=dev) if k_pos is None else k_pos.to(dev, torch.long)
+    if q_pos.shape != (Tq,) or k_pos.shape != (Tk,):
+        raise ValueError(f"q_pos, k_pos: expected shapes ({Tq},) and ({Tk},)")
+    q_doc = k_doc = None
+    if cu_seqlens is not None:
+        if doc_ids is not None:
+            raise ValueError("doc_ids and cu_seqlens: pass one of them")
+        if B != 1 or Tq != Tk:
+            raise ValueError("cu_seqlens: needs batch size 1 and self-attention (Tq == Tk); use doc_ids otherwise")
+        q_doc = k_doc = _docs_from_cu(cu_seqlens, Tq, "cu_seqlens")
+    elif doc_ids is not None:
+        q_doc, k_doc = doc_ids if isinstance(doc_ids, (tuple, list)) else (doc_ids, doc_ids)
+        if q_doc.shape != (B, Tq) or k_doc.shape != (B, Tk):
+            raise ValueError(f"doc_ids: expected shapes ({B}, {Tq}) and ({B}, {Tk})")
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _Flash.apply(q, k, v, bool(causal), sc, window, q_pos, k_pos, q_doc, k_doc, int(block))

@@ -1,0 +1,136 @@
+"""Softmax attention with log-sum-exp, tile by tile, in plain torch: the CPU path of
+`flash_attn` and the specification a Triton kernel will be tested against (issue 4).
+
+    o_i = sum_j softmax_j(scale * q_i . k_j + mask_ij) v_j,    lse_i = log sum_j exp(scale * q_i . k_j + mask_ij)
+
+Only one (query block x key block) score tile exists at a time (memory linear in length); key
+blocks a query block cannot see (causal, window) are never computed. Grouped-query heads:
+the G query heads of a KV head are stacked as rows of one matmul, so K/V are never repeated.
+Masks come from global positions (so shards of a sequence, as ring attention passes them,
+mask correctly) and optional document ids. A query row that sees no key gets o = 0 and
+lse = -inf (never NaN), which is what a log-sum-exp merge of partial results needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _tile_mask(qp: Tensor, kp: Tensor, qd: Optional[Tensor], kd: Optional[Tensor], causal: bool,
+               window: Optional[int]) -> Optional[Tensor]:
+    """Boolean (Bd, 1, 1, bq, bk) allowed-mask of one tile, or None when everything is allowed."""
+    m = None
+    if causal:
+        m = kp[None, :] <= qp[:, None]
+    if window is not None:
+        w = (qp[:, None] - kp[None, :]) < window
+        if not causal:
+            w = w & ((kp[None, :] - qp[:, None]) < window)
+        m = w if m is None else m & w
+    if m is not None:
+        m = m[None, None, None]
+    if qd is not None:
+        d = (qd[:, :, None] == kd[:, None, :])[:, None, None]  # (B, 1, 1, bq, bk)
+        m = d if m is None else m & d
+    return m
+
+
+def _visible(qp: Tensor, kp: Tensor, causal: bool, window: Optional[int]) -> bool:
+    """Can any query of this block see any key of that block (positions only)?"""
+    if causal and int(kp.min()) > int(qp.max()):
+        return False
+    if window is not None:
+        if int(qp.min()) - int(kp.max()) >= window:
+            return False
+        if not causal and int(kp.min()) - int(qp.max()) >= window:
+            return False
+    return True
+
+
+def _blocks(T: int, b: int):
+    return [(s, min(T, s + b)) for s in range(0, T, b)]
+
+
+def flash_fwd_torch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window: Optional[int],
+                    q_pos: Tensor, k_pos: Tensor, q_doc: Optional[Tensor], k_doc: Optional[Tensor],
+                    block: int = 256) -> Tuple[Tensor, Tensor]:
+    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D|Dv). Returns o (B, H, Tq, Dv) in q's dtype and
+    lse (B, H, Tq) in fp32 (fp64 for fp64 inputs)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.view(B, Hkv, G, Tq, D)
+    o = torch.empty(B, Hkv, G, Tq, Dv, dtype=cdt, device=q.device)
+    lse = torch.empty(B, Hkv, G, Tq, dtype=cdt, device=q.device)
+    kb = _blocks(Tk, block)
+    for qs, qe in _blocks(Tq, block):
+        qt = qg[:, :, :, qs:qe].to(cdt) * scale  # (B, Hkv, G, bq, D)
+        m = torch.full((B, Hkv, G, qe - qs), -math.inf, dtype=cdt, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(B, Hkv, G, qe - qs, Dv, dtype=cdt, device=q.device)
+        for ks, ke in kb:
+            if not _visible(q_pos[qs:qe], k_pos[ks:ke], causal, window):
+                continue
+            s = torch.einsum("bhgqd,bhkd->bhgqk", qt, k[:, :, ks:ke].to(cdt))
+            mask = _tile_mask(q_pos[qs:qe], k_pos[ks:ke], None if q_doc is None else q_doc[:, qs:qe],
+                              None if k_doc is None else k_doc[:, ks:ke], causal, window)
+            if mask is not None:
+                s = s.masked_fill(~mask, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+            p = torch.exp(s - safe[..., None])
+            corr = torch.exp(m - safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, ks:ke].to(cdt))
+            m = m_new
+        empty = l == 0
+        o[:, :, :, qs:qe] = torch.where(empty[..., None], torch.zeros_like(acc), acc / l.clamp_min(1e-300)[..., None])
+        lse[:, :, :, qs:qe] = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l.clamp_min(1e-300)))
+    return o.view(B, H, Tq, Dv).to(q.dtype), lse.view(B, H, Tq)
+
+
+def flash_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                    scale: float, window: Optional[int], q_pos: Tensor, k_pos: Tensor, q_doc: Optional[Tensor],
+                    k_doc: Optional[Tensor], block: int = 256, dlse: Optional[Tensor] = None):
+    """Gradients (dq, dk, dv) by recomputing each tile's probabilities from lse.
+    dlse (B, H, Tq): gradient flowing into lse (ring merges use it), or None."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    cdt = lse.dtype
+    qg = q.view(B, Hkv, G, Tq, D)
+    dog = do.view(B, Hkv, G, Tq, Dv).to(cdt)
+    lseg = lse.view(B, Hkv, G, Tq)
+    # D_i = rowsum(dO_i * O_i) - dlse_i: the softmax Jacobian's diagonal term (and lse's own gradient)
+    Dterm = (dog * o.view(B, Hkv, G, Tq, Dv).to(cdt)).sum(-1)
+    if dlse is not None:
+        Dterm = Dterm - dlse.view(B, Hkv, G, Tq).to(cdt)
+    dq = torch.zeros(B, Hkv, G, Tq, D, dtype=cdt, device=q.device)
+    dk = torch.zeros(B, Hkv, Tk, D, dtype=cdt, device=q.device)
+    dv = torch.zeros(B, Hkv, Tk, Dv, dtype=cdt, device=q.device)
+    for qs, qe in _blocks(Tq, block):
+        qt = qg[:, :, :, qs:qe].to(cdt)
+        lt = lseg[:, :, :, qs:qe]
+        lt = torch.where(torch.isinf(lt), torch.full_like(lt, math.inf), lt)  # empty rows: p = 0
+        for ks, ke in _blocks(Tk, block):
+            if not _visible(q_pos[qs:qe], k_pos[ks:ke], causal, window):
+                continue
+            kt, vt = k[:, :, ks:ke].to(cdt), v[:, :, ks:ke].to(cdt)
+            s = torch.einsum("bhgqd,bhkd->bhgqk", qt, kt) * scale
+            mask = _tile_mask(q_pos[qs:qe], k_pos[ks:ke], None if q_doc is None else q_doc[:, qs:qe],
+                              None if k_doc is None else k_doc[:, ks:ke], causal, window)
+            p = torch.exp(s - lt[..., None])
+            if mask is not None:
+                p = p.masked_fill(~mask, 0.0)
+            dot = dog[:, :, :, qs:qe]
+            dv[:, :, ks:ke] += torch.einsum("bhgqk,bhgqd->bhkd", p, dot)
+            dp = torch.einsum("bhgqd,bhkd->bhgqk", dot, vt)
+            ds = p * (dp - Dterm[:, :, :, qs:qe, None]) * scale
+            dq[:, :, :, qs:qe] += torch.einsum("bhgqk,bhkd->bhgqd", ds, kt)
+            dk[:, :, ks:ke] += torch.einsum("bhgqk,bhgqd->bhkd", ds, qt)
+    return dq.view(B, H, Tq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
