@@ -25,8 +25,22 @@ from longctx.train import checkpoint as ckpt
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
 
-# Testing hook: make the loss of the N-th step (1-based, as in metrics.jsonl) NaN, to exercise train.on_nonfinite.
+# Testing hooks: make the loss (or, with a finite loss, the gradients) of the N-th step (1-based,
+# as in metrics.jsonl) NaN, to exercise train.on_nonfinite and the gradient check.
 _INJECT_NAN_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_STEP", "-1"))
+_INJECT_NAN_GRAD_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_GRAD_STEP", "-1"))
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward (fault injection)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
 
 
 class TrainingError(RuntimeError):
@@ -106,6 +120,12 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
         if key in meta.get("data", {}) and meta["data"][key] != cfg.data[key]:
             raise TrainingError(f"checkpoint {folder} was saved with data.{key}={meta['data'].get(key)!r} but the "
                                 f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
+
+
+def _grads_finite(model: torch.nn.Module, device) -> bool:
+    """All gradients finite (after DeepSpeed's all-reduce, so every rank agrees)."""
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _check_gradients(engine, t, step: int, last_good: Optional[str]) -> None:
@@ -226,6 +246,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         from tqdm import tqdm
         bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    zero0 = cfg.deepspeed.zero_stage == 0 and t.precision != "fp16"
     sp_handle = SPHandle(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
     last_good = resume_folder
     losses: List[float] = []
@@ -245,6 +266,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
+            if step + 1 == _INJECT_NAN_GRAD_STEP:
+                loss_sum = _NanGrad.apply(loss_sum)
             # Agree across ranks before backward: every rank stops or skips together.
             if _allreduce([0.0 if torch.isfinite(loss_sum.detach()) else 1.0], device)[0]:
                 _nonfinite("loss", step + 1, last_good, t.on_nonfinite)
@@ -253,6 +276,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
             # DeepSpeed divides by grad_accum and averages over the world: undo both so the
             # result is d(sum of all ranks' token losses / n_global).
             engine.backward(loss_sum * (world * ga / n_global))
+            if zero0 and engine.is_gradient_accumulation_boundary() and not _grads_finite(model, device):
+                # ZeRO-0 has no overflow check and reports no norm: stop before the update lands
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
+                raise TrainingError(f"non-finite gradients at step {step + 1} with a finite loss ({where}); "
+                                    f"the update was not applied; resume with --resume auto after lowering train.lr")
             engine.step()
             loss_sum_local += float(loss_sum.detach())
         if not skipped:

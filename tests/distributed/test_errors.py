@@ -97,3 +97,11 @@ def test_nonfinite_loss(tmp_path, policy):
         assert "non-finite loss at step 3; the step is skipped" in proc.stderr
         assert [r["step"] for r in recs] == [1, 2, 4, 5]
         assert all(r["loss"] == r["loss"] for r in recs)  # no NaN reached the log
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nonfinite_gradients_with_finite_loss_stop(tmp_path, zero):
+    run = str(tmp_path / "run")
+    proc = launch("python", 1, [TINY, *SMALL, "train.steps=5", "checkpoint.every=2", f"train.run_dir={run}",
+                                f"deepspeed.zero_stage={zero}"], tmp_path, env={"LONGCTX_INJECT_NAN_GRAD_STEP": "3"})
+    one_error(proc, "non-finite gradients at step 3", os.path.join(run, "checkpoints", ckpt.tag_for(2)))
