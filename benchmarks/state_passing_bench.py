@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -20,13 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longctx.parallel.groups import free_port
+
 H, D = 8, 64
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank, world, port, T_loc, reps, q_out):
@@ -90,7 +85,7 @@ def main():
     print(f"{'P':>3} {'mode':>10} {'layer fwd+bwd ms':>17} {'combine fwd+bwd ms':>19} {'bytes recv/rank':>16}")
     for P in map(int, args.world.split(",")):
         q = ctx.Queue()
-        port = _port()
+        port = free_port()
         procs = [ctx.Process(target=worker, args=(r, P, port, args.tokens_per_rank, args.reps, q)) for r in range(P)]
         for pr in procs:
             pr.start()

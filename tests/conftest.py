@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,10 +12,7 @@ SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_l
          "train.peak_flops=1e11", "checkpoint.every=3"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from longctx.parallel.groups import free_port  # noqa: E402  (one helper for tests and launches)
 
 
 def launch(launcher: str, nproc: int, args, cwd, timeout=300, env=None):

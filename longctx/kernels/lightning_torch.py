@@ -48,7 +48,7 @@ def decay_scan(rate: Tensor, pos: Tensor, R: Tensor, X: Tensor, block: int = 64)
         return weights(pos[:, None] - pos[None, :], keep) @ X
     G = N // block  # full blocks; a shorter tail block is scanned on its own
     n = G * block
-    Y = torch.empty_like(X)
+    Y = torch.empty(X.shape, dtype=X.dtype, device=X.device)  # contiguous whatever X's strides
     pb, Rb = pos[:n].view(G, block), R[:, :n].reshape(B, G, block)
     keep = (Rb[..., :, None] == Rb[..., None, :]).tril()[:, None]  # (B, 1, G, M, M)
     Yb = Y[:, :, :n].view(B, H, G, block, F)
@@ -205,8 +205,6 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor],
                 qw.mul_((segc[b, p0:n1] == prev_last[b, p0:n1, None])[..., None])
             oc[p0 - n0:].baddbmm_(qw, Sf[bh, p0 - 1:n1 - 1])
     o = o.view(B, H, N, C, V)
-    P = torch.cat([Sinc.new_zeros(B, H, 1, K * V), Sinc[:, :, :-1]], dim=2).view(B, H, N, K, V) \
-        if want_final else None  # entering states: only the final states need them again
 
     # --- initial states of segments starting inside a chunk -----------------------------------------
     if init is not None:
@@ -232,7 +230,10 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, init: Optional[Tensor],
         final = (kl * w[..., None]).transpose(-1, -2) @ vl  # (S, H, K, V)
         started_before = seg_first_chunk < ce
         wp = torch.exp(-decay.to(dev, cdt)[None, :] * (re_[:, None].to(cdt) + 1)) * started_before[:, None]
-        final = final + wp[..., None, None] * P[seg_row, :, ce]
+        # state entering each last chunk: the scan's state after the chunk before (none for chunk 0;
+        # wp is 0 there), gathered per segment rather than copying every chunk's state
+        P_end = Sinc[seg_row, :, (ce - 1).clamp(min=0)].view(S, H, K, V)
+        final = final + wp[..., None, None] * P_end
         if init is not None:
             here = ~started_before
             wi = torch.exp(-decay.to(dev, cdt)[None, :] * (re_ - seg_first_off + init_offset)[:, None].to(cdt))
@@ -245,7 +246,7 @@ def _inject(X: Tensor, rows: Tensor, chunks: Tensor, J: Tensor) -> Tensor:
     B, H, N, F = X.shape
     flat = X.permute(0, 2, 1, 3).reshape(B * N, H, F)
     flat = flat.index_add(0, rows * N + chunks, J)
-    return flat.view(B, N, H, F).permute(0, 2, 1, 3)
+    return flat.view(B, N, H, F).permute(0, 2, 1, 3).contiguous()
 
 
 def _add_rows(o: Tensor, rows: Tensor, chunks: Tensor, Y: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT of local launches and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,14 +51,14 @@ def discover_launch_env() -> str:
         comm = MPI.COMM_WORLD
         rank, size = comm.Get_rank(), comm.Get_size()
         addr = os.environ.get("MASTER_ADDR") or comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
-        port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+        port = os.environ.get("MASTER_PORT") or str(comm.bcast(free_port() if rank == 0 else None, root=0))
         local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_comm.Get_rank()),
                           LOCAL_WORLD_SIZE=str(local_comm.Get_size()), MASTER_ADDR=addr, MASTER_PORT=port)
         return "mpi"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     return "single"
 
 

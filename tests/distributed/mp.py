@@ -1,17 +1,14 @@
 """Spawn a gloo process group inside a test and collect each rank's result."""
 import os
-import socket
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longctx.parallel.groups import free_port
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def _entry(rank, world, port, fn, args, outdir):
@@ -29,5 +26,5 @@ def run_world(world: int, fn, *args):
     """Run fn(rank, world, *args) on `world` gloo processes; returns the list of results.
     fn must be a module-level function (it is pickled)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(world, _port(), fn, args, d), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), fn, args, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world)]

@@ -73,9 +73,10 @@ def test_carried_state_equals_one_long_segment():
     torch.testing.assert_close(f2, f, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 256])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64, 256])
 def test_chunk_size_does_not_change_result(chunk):
-    q, k, v, i0 = make(1, 2, 300, 4, 3)
+    # batch 2 with initial states and (for small chunks) more than 64 chunks: the scan's two levels
+    q, k, v, i0 = make(2, 2, 300, 4, 3)
     d = torch.tensor([0.1, 1.0], dtype=F64)
     o, f = lightning_attn(q, k, v, d, 1.0, i0, True, chunk=chunk)
     on, fn = lightning_naive(q, k, v, d, i0)
