@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import SMALL, TINY, error_lines, launch
+from launching import SMALL, TINY, error_lines, launch
 from longctx.train import checkpoint as ckpt
 from longctx.train.data import prepare_token_file
 

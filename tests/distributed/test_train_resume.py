@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import SMALL, TINY, launch
+from launching import SMALL, TINY, launch
 from longctx.train import checkpoint as ckpt
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import SMALL, TINY, error_lines, launch
+from launching import SMALL, TINY, error_lines, launch
 
 LIGHT = [*SMALL, "model.mixers=[lightning]", "data.mask_documents=true", "train.steps=4",
          "checkpoint.every=100", "deepspeed.zero_stage=2"]

@@ -1,18 +1,17 @@
+"""Launch `longctx train` under a launcher from a test (imported by the distributed tests)."""
 import os
 import subprocess
 import sys
 
-import pytest
+from longctx.parallel.groups import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
 # A model small enough that one launch costs seconds (most of it starting processes).
 SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2", "data.seq_len=64",
          "data.micro_batch_size=2", "data.synthetic_tokens=200000", "train.warmup_steps=2", "train.progress=false",
          "train.peak_flops=1e11", "checkpoint.every=3"]
 
-
-from longctx.parallel.groups import free_port  # noqa: E402  (one helper for tests and launches)
 
 
 def launch(launcher: str, nproc: int, args, cwd, timeout=300, env=None):
@@ -33,8 +32,3 @@ def launch(launcher: str, nproc: int, args, cwd, timeout=300, env=None):
 
 def error_lines(proc):
     return [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-
-
-@pytest.fixture(scope="session")
-def launch_fn():
-    return launch
