@@ -1,17 +1,22 @@
 """Process discovery and the data-parallel x sequence-parallel mesh.
 
 Ranks are laid out sp-fastest: global rank = dp_rank * sp + sp_rank, so the ranks of one
-sequence-parallel group are neighbours (on one node when possible). Gradients are averaged
-over dp x sp (every rank holds a different slice of the global batch); the DeepSpeed `mpu`
-that says so arrives with the sequence-parallel mixers.
+sequence-parallel group are neighbours (on one node when possible). Inside an SP group of
+degree sp = ulysses x ring, the Ulysses index is fastest: sp_rank = ring_idx * ulysses + u, so
+the all-to-all (the heavier, latency-bound collective) stays between the closest ranks.
+
+`Mesh` is also DeepSpeed's `mpu`: it reports the sequence-parallel group, and the
+sequence-data-parallel group (dp x sp, the whole world) over which ZeRO shards and reduces.
+DeepSpeed then sums gradients over sp and averages over dp; the trainer scales each rank's
+loss so the result is the gradient of the global token mean (see trainer.grad_divisor).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import socket
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,6 +90,9 @@ class Mesh:
     sp_group: Optional[dist.ProcessGroup]
     dp_group: Optional[dist.ProcessGroup]
     grad_group: Optional[dist.ProcessGroup]  # dp x sp: where gradients are averaged
+    ulysses: int = 1
+    ulysses_group: Optional[dist.ProcessGroup] = None
+    ring_group: Optional[dist.ProcessGroup] = None
 
     @property
     def dp(self) -> int:
@@ -98,34 +106,152 @@ class Mesh:
     def dp_rank(self) -> int:
         return self.rank // self.sp
 
+    @property
+    def ring(self) -> int:
+        return self.sp // self.ulysses
 
-def build_mesh(sp: int) -> Mesh:
+    def sp_handle(self, layout: str) -> Optional["SPHandle"]:
+        """What mixers see (None without sequence parallelism)."""
+        if self.sp == 1:
+            return None
+        U = self.ulysses
+        r = self.sp_rank
+        base = self.dp_rank * self.sp
+        ring_ranks = [base + i * U + r % U for i in range(self.ring)]
+        return SPHandle(self.sp_group, r, self.sp, layout, ulysses=U, ulysses_group=self.ulysses_group,
+                        ring_group=self.ring_group, ring_ranks=ring_ranks)
+
+    # --- DeepSpeed mpu interface (model/tensor/pipeline parallel degree 1) --------------------
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_group(self):
+        return _self_group()
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_sequence_parallel_group(self):
+        return self.sp_group if self.sp > 1 else _self_group()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sp
+
+    def get_sequence_data_parallel_group(self):
+        return self.grad_group
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.rank
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+
+_SELF_GROUPS: dict = {}
+
+
+def _self_group():
+    """A group of this rank alone (model parallel degree 1). Created for every rank at once on
+    first use, since new_group is collective."""
+    if not _SELF_GROUPS:
+        for r in range(dist.get_world_size()):
+            _SELF_GROUPS[r] = dist.new_group([r])
+    return _SELF_GROUPS[dist.get_rank()]
+
+
+def build_mesh(sp: int, ulysses: int = 0) -> Mesh:
     """Create the groups. Every rank must call this (new_group is collective). With sp == 1 no
-    group is created: the world is the data-parallel group."""
+    group is created: the world is the data-parallel group. ulysses: the Ulysses degree inside
+    sp (0 = all of it); the ring degree is sp // ulysses."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if sp == 1:
-        return Mesh(world, rank, 1, None, dist.group.WORLD, dist.group.WORLD)
+    ulysses = ulysses or sp
+    if sp < 1 or sp % ulysses:
+        raise ValueError(f"parallel.sp={sp} is not a multiple of parallel.sp_ulysses={ulysses}: "
+                         f"use sp_ulysses x sp_ring = sp")
     if world % sp != 0:
         raise ValueError(f"world size {world} is not divisible by parallel.sp={sp}: launch a multiple of "
                          f"{sp} processes or pick a divisor of {world}")
-    sp_group = dp_group = None
-    for d in range(world // sp):
-        ranks = list(range(d * sp, (d + 1) * sp))
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            sp_group = g
-    for s in range(sp):
-        ranks = list(range(s, world, sp))
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            dp_group = g
-    return Mesh(world, rank, sp, sp_group, dp_group, dist.group.WORLD)
+    _self_group()
+    if sp == 1:
+        return Mesh(world, rank, 1, None, dist.group.WORLD, dist.group.WORLD)
+
+    def groups(rank_lists):
+        mine = None
+        for ranks in rank_lists:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                mine = g
+        return mine
+
+    sp_group = groups([list(range(d * sp, (d + 1) * sp)) for d in range(world // sp)])
+    dp_group = groups([list(range(s, world, sp)) for s in range(sp)])
+    ring = sp // ulysses
+    u_group = r_group = None
+    if ulysses > 1 and ring > 1:
+        u_group = groups([[d * sp + i * ulysses + u for u in range(ulysses)]
+                          for d in range(world // sp) for i in range(ring)])
+        r_group = groups([[d * sp + i * ulysses + u for i in range(ring)]
+                          for d in range(world // sp) for u in range(ulysses)])
+    elif ulysses > 1:
+        u_group = sp_group
+    else:
+        r_group = sp_group
+    return Mesh(world, rank, sp, sp_group, dp_group, dist.group.WORLD, ulysses, u_group, r_group)
 
 
 @dataclass
 class SPHandle:
-    """A sequence-parallel group as mixers see it. layout: how the sequence is split."""
+    """A sequence-parallel group as mixers see it.
+
+    layout: how the sequence is split ("contiguous" or "zigzag", see parallel/sharding.py).
+    ulysses: the Ulysses (all-to-all) degree; the ring degree is size // ulysses. rank =
+    ring_idx * ulysses + u. ring_ranks: global ranks of this rank's ring, in ring order.
+    """
     group: Optional[dist.ProcessGroup]
     rank: int
     size: int
     layout: str = "contiguous"
+    ulysses: int = 0  # 0: all of size (pure Ulysses)
+    ulysses_group: Optional[dist.ProcessGroup] = None
+    ring_group: Optional[dist.ProcessGroup] = None
+    ring_ranks: Optional[List[int]] = None
+    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.ulysses:
+            self.ulysses = self.size
+        if self.size % self.ulysses:
+            raise ValueError(f"SP degree {self.size} is not a multiple of the Ulysses degree {self.ulysses}")
+        if self.ulysses == self.size and self.ulysses_group is None:
+            self.ulysses_group = self.group
+        if self.ulysses == 1 and self.ring_group is None:
+            self.ring_group = self.group
+        if self.ring_ranks is None and self.ring > 1:
+            if self.ulysses != 1:
+                raise ValueError("SPHandle: pass ring_ranks for a hybrid (ulysses > 1 and ring > 1) layout")
+            self.ring_ranks = [dist.get_global_rank(self.group, i) if self.group is not None else i
+                               for i in range(self.size)]
+
+    @property
+    def ring(self) -> int:
+        return self.size // self.ulysses
+
+    @property
+    def u_rank(self) -> int:
+        return self.rank % self.ulysses
+
+    @property
+    def ring_rank(self) -> int:
+        return self.rank // self.ulysses
