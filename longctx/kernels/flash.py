@@ -1,7 +1,8 @@
 """`flash_attn`: softmax attention returning (out, lse), forward and backward, grouped-query
-heads, causal / sliding-window / document masks from global positions. The torch path is in
-flash_torch.py (CPU, and the reference); a Triton kernel is issue 4's next step. Gradients also
-flow through lse, which log-sum-exp merges of partial results (ring attention) need.
+heads, causal / sliding-window / document masks from global positions, over two backends: the
+fused Triton kernel (flash_triton.py, CUDA) and the torch path (flash_torch.py: CPU, float64,
+and the reference). Gradients also flow through lse, which log-sum-exp merges of partial
+results (ring attention) need.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from longctx.kernels.flash_torch import flash_bwd_torch, flash_fwd_torch
+from longctx.kernels.lightning import pick_backend
 
 Tensor = torch.Tensor
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -18,21 +20,48 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 class _Flash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block):
-        o, lse = flash_fwd_torch(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block)
+    def forward(ctx, q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block, backend, arange_pos):
+        if backend == "triton":
+            from longctx.kernels.flash_triton import flash_fwd_triton
+            o, lse = flash_fwd_triton(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc,
+                                      arange_positions=arange_pos)
+        else:
+            o, lse = flash_fwd_torch(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block)
         ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc)
-        ctx.args = (causal, scale, window, block)
+        ctx.args = (causal, scale, window, block, backend, arange_pos)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
-        causal, scale, window, block = ctx.args
+        causal, scale, window, block, backend, arange_pos = ctx.args
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = flash_bwd_torch(do.contiguous(), q, k, v, o, lse, causal, scale, window, q_pos, k_pos,
-                                     q_doc, k_doc, block, dlse)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        if backend == "triton":
+            from longctx.kernels.flash_triton import flash_bwd_triton
+            dq, dk, dv = flash_bwd_triton(do.contiguous(), q, k, v, o, lse, causal, scale, window, q_pos, k_pos,
+                                          q_doc, k_doc, dlse, arange_positions=arange_pos)
+        else:
+            dq, dk, dv = flash_bwd_torch(do.contiguous(), q, k, v, o, lse, causal, scale, window, q_pos, k_pos,
+                                         q_doc, k_doc, block, dlse)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+def _backend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> str:
+    """'auto': Triton for CUDA tensors it supports (float16/bfloat16/float32, head dims 16, 32,
+    64, 128) when triton imports, the torch path otherwise. 'triton' asked by name is checked
+    here, so bad input fails before autograd with a ValueError naming what is supported."""
+    be = pick_backend(q, backend)
+    if be == "triton":
+        from longctx.kernels.flash_triton import check_supported
+        if backend == "auto":
+            try:
+                check_supported(q, k, v)
+            except ValueError:
+                return "torch"
+        else:
+            check_supported(q, k, v)
+    return be
 
 
 def _docs_from_cu(cu: Tensor, T: int, name: str) -> Tensor:
@@ -45,7 +74,7 @@ def _docs_from_cu(cu: Tensor, T: int, name: str) -> Tensor:
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
                window: Optional[int] = None, doc_ids=None, cu_seqlens: Optional[Tensor] = None,
                q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
-               block: int = 256) -> Tuple[Tensor, Tensor]:
+               block: int = 256, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Attention with log-sum-exp.
 
     q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv); H % Hkv == 0 (grouped-query).
@@ -53,6 +82,10 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Opti
     q_pos (Tq,) and k_pos (Tk,) (default 0..T-1). doc_ids: (B, T) ids shared by q and k, or a
     pair (q_doc (B, Tq), k_doc (B, Tk)); cu_seqlens (B == 1) is the same as document ids.
     Returns out (B, H, Tq, Dv) and lse (B, H, Tq) in fp32 (-inf where a row sees no key).
+    block: tile size of the torch path (the Triton kernel picks its tiles by head dim and dtype).
+    backend: "auto" (Triton for CUDA tensors when triton imports and supports the dtype and head
+    dims, else torch), "torch", or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1;
+    float16/bfloat16/float32, head dims 16, 32, 64, 128; anything else is a ValueError).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -73,6 +106,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Opti
         raise ValueError(f"block: expected >= 1, got {block}")
     Tk = k.shape[2]
     dev = q.device
+    arange_pos = q_pos is None and k_pos is None  # lets the Triton path cache its tile bounds per shape
     q_pos = torch.arange(Tq, device=dev) if q_pos is None else q_pos.to(dev, torch.long)
     k_pos = torch.arange(Tk, device=dev) if k_pos is None else k_pos.to(dev, torch.long)
     if q_pos.shape != (Tq,) or k_pos.shape != (Tk,):
@@ -88,5 +122,6 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Opti
         q_doc, k_doc = doc_ids if isinstance(doc_ids, (tuple, list)) else (doc_ids, doc_ids)
         if q_doc.shape != (B, Tq) or k_doc.shape != (B, Tk):
             raise ValueError(f"doc_ids: expected shapes ({B}, {Tq}) and ({B}, {Tk})")
+    be = _backend(q, k, v, backend)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return _Flash.apply(q, k, v, bool(causal), sc, window, q_pos, k_pos, q_doc, k_doc, int(block))
+    return _Flash.apply(q, k, v, bool(causal), sc, window, q_pos, k_pos, q_doc, k_doc, int(block), be, arange_pos)
