@@ -1,10 +1,12 @@
 """One prepared run for a short GPU lease: correctness of every Triton kernel against its torch
 reference at full size, then timings beside peers measured in the same run.
 
-    python benchmarks/gpu_check.py [--quick] [--out results.json]
+    python benchmarks/gpu_check.py [--quick] [--only flash,lightning] [--out results.json]
 
-Every later kernel adds its case to CHECKS (correctness) and TIMINGS (speed). Sized to finish
-well inside 10 minutes on one H100/H200; --quick trims lengths for a first smoke run.
+Every later kernel adds its case to CHECKS (correctness) and TIMINGS (speed), named
+check_<kernel> / time_<kernel> so that --only <kernel> selects it. Sized to finish well inside
+10 minutes on one H100/H200 (the flash part in about 3); --quick trims lengths for a first
+smoke run. A part that raises is recorded as a failed check and the run goes on.
 
 Needs on the GPU machine: torch, triton; optional peers: flash-linear-attention (fla) for
 `chunk_simple_gla`. Wheels for what the lent machine lacks are in ../shared/wheels (see
@@ -16,7 +18,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable, Dict, List
+import traceback
+from typing import Callable, Dict
 
 import torch
 
@@ -83,7 +86,7 @@ def check_lightning():
               f"{'OK ' if ok else 'FAIL'} max rel err {max(errs.values()):.2e} (tol {tol})", flush=True)
 
 
-def time_lightning(lengths: List[int]):
+def time_lightning(quick: bool):
     from longctx.kernels.lightning import lightning_attn
     from longctx.model.lightning import tnl_decay
     H, D = 16, 128
@@ -94,7 +97,7 @@ def time_lightning(lengths: List[int]):
     except Exception as exc:  # noqa: BLE001 - the peer is optional
         print(f"fla unavailable ({type(exc).__name__}): lightning timed without its peer")
         chunk_simple_gla = None
-    for T in lengths:
+    for T in [8192, 32768] if quick else [8192, 32768, 131072, 524288]:
         q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         row = {"kernel": "lightning", "T": T, "H": H, "D": D, "dtype": "bf16"}
         row["ours_fwd_s"] = cuda_time(lambda: lightning_attn(q, k, v, decay))
@@ -119,15 +122,155 @@ def time_lightning(lengths: List[int]):
         torch.cuda.empty_cache()
 
 
-CHECKS = [check_lightning]
-TIMINGS = [time_lightning]
+# --- flash attention (softmax with lse) ----------------------------------------------------------
+def _flash_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, device="cuda", generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).to(dtype)
+    return q, k, v
+
+
+def _flash_run(q, k, v, backend, go, gl, **kw):
+    """out, lse and (dq, dk, dv) of sum(out * go) + sum(lse * gl) (rows without keys: lse term 0)."""
+    from longctx.kernels.flash import flash_attn
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, lse = flash_attn(*xs, backend=backend, **kw)
+    loss = (o.float() * go).sum() + (torch.nan_to_num(lse, neginf=0.0) * gl).sum()
+    return [o, lse, *torch.autograd.grad(loss, xs)]
+
+
+def check_flash():
+    """Triton flash kernel against the torch path (fp32, on the same values) at full size:
+    causal, GQA, documents, a window, a ring piece whose first rows see no key."""
+    B, H, Hkv, D = 2, 8, 2, 128
+    for dtype, Tq, Tk, window, with_docs, shift in (
+            (torch.float32, 2048, 2048, None, True, False),
+            (torch.bfloat16, 4096, 4096, None, True, False),
+            (torch.bfloat16, 4096, 4096, 1000, False, False),
+            (torch.float32, 3001, 3001, 700, True, False),  # not a multiple of any tile
+            (torch.bfloat16, 2048, 3000, None, False, True)):  # keys from 1000 on, queries from 500
+        q, k, v = _flash_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=Tq + Tk)
+        kw = dict(causal=True, window=window)
+        if with_docs:
+            starts = torch.zeros(B, Tq, dtype=torch.long, device="cuda")
+            starts[0, [1, 700, 701, 1500]] = 1
+            starts[1, [1024]] = 1
+            kw["doc_ids"] = starts.cumsum(1)
+        if shift:
+            kw["q_pos"] = torch.arange(Tq, device="cuda") + 500
+            kw["k_pos"] = torch.arange(Tk, device="cuda") + 1000
+        g = torch.Generator(device="cuda").manual_seed(1)
+        go = torch.randn(B, H, Tq, D, device="cuda", generator=g).to(dtype).float()  # same dO for both
+        gl = torch.randn(B, H, Tq, device="cuda", generator=g)
+        got = _flash_run(q, k, v, "triton", go, gl, **kw)
+        ref = _flash_run(q.float(), k.float(), v.float(), "torch", go, gl, **kw)
+        names = ["o", "lse", "dq", "dk", "dv"]
+        same_empty = bool((torch.isinf(got[1]) == torch.isinf(ref[1])).all())
+        finite = all(bool(torch.isfinite(x).all()) for x in got[:1] + got[2:])
+        errs = {n: rel_err(torch.nan_to_num(a.float(), neginf=0.0), torch.nan_to_num(b, neginf=0.0))
+                for n, a, b in zip(names, got, ref)}
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        ok = all(e < tol for e in errs.values()) and same_empty and finite
+        RESULTS["checks"].append({"kernel": "flash", "dtype": str(dtype), "Tq": Tq, "Tk": Tk, "H": H, "Hkv": Hkv,
+                                  "D": D, "window": window, "docs": with_docs, "shifted": shift, "rel_err": errs,
+                                  "empty_rows_match": same_empty, "finite": finite, "tol": tol, "ok": ok})
+        print(f"check flash {str(dtype):15s} Tq={Tq} Tk={Tk} window={window} docs={with_docs} shift={shift}: "
+              f"{'OK ' if ok else 'FAIL'} max rel err {max(errs.values()):.2e} (tol {tol}) "
+              + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+        got = ref = None
+        torch.cuda.empty_cache()
+
+
+def _sdpa_flash(q, k, v, gqa: bool):
+    """SDPA forced onto its flash backend; GQA through enable_gqa (else repeated K/V)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        if gqa:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def time_flash(quick: bool):
+    """Causal bf16 d=128 B=1 H=16: forward and forward+backward, ours beside SDPA's flash backend."""
+    from longctx.kernels.flash import flash_attn
+    B, H, D = 1, 16, 128
+    lengths = [8192, 32768] if quick else [8192, 16384, 32768, 65536, 131072]
+    for Hkv in (16, 4):
+        for T in lengths:
+            q, k, v = _flash_inputs(B, H, Hkv, T, T, D, torch.bfloat16, seed=T)
+            go = torch.randn_like(q)
+            xs = [x.requires_grad_() for x in (q, k, v)]
+            reps = 5 if T <= 32768 else 3
+            fwd_flops = 4 * B * H * T * T * D / 2  # causal: half the score matrix
+            row = {"kernel": "flash", "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": "bf16", "causal": True}
+
+            def ours_fwd():
+                with torch.no_grad():
+                    flash_attn(q, k, v, causal=True, backend="triton")
+
+            def ours_fwdbwd():
+                o, _ = flash_attn(*xs, causal=True, backend="triton")
+                torch.autograd.grad(o, xs, go)
+
+            def sdpa_fwd():
+                with torch.no_grad():
+                    _sdpa_flash(q, k, v, Hkv != H)
+
+            def sdpa_fwdbwd():
+                torch.autograd.grad(_sdpa_flash(*xs, Hkv != H), xs, go)
+
+            for name, fn, flops in (("ours_fwd", ours_fwd, fwd_flops), ("ours_fwdbwd", ours_fwdbwd, 3.5 * fwd_flops),
+                                    ("sdpa_fwd", sdpa_fwd, fwd_flops), ("sdpa_fwdbwd", sdpa_fwdbwd, 3.5 * fwd_flops)):
+                try:
+                    t = cuda_time(fn, reps=reps, warmup=1)
+                    row[name + "_s"], row[name + "_tflops"] = t, flops / t / 1e12
+                except torch.cuda.OutOfMemoryError:
+                    row[name + "_s"] = "oom"
+                except RuntimeError as exc:  # e.g. SDPA's flash backend refusing a shape
+                    row[name + "_s"] = f"error: {str(exc).splitlines()[0][:120]}"
+                torch.cuda.empty_cache()
+            for p in ("fwd", "fwdbwd"):
+                a, b = row.get(f"ours_{p}_s"), row.get(f"sdpa_{p}_s")
+                if isinstance(a, float) and isinstance(b, float):
+                    row[f"speed_vs_sdpa_{p}"] = b / a  # > 1: ours is faster
+            RESULTS["timings"].append(row)
+            print("time " + " ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
+                                     for k_, v_ in row.items()), flush=True)
+            q = k = v = xs = go = None
+            torch.cuda.empty_cache()
+
+
+CHECKS = [check_lightning, check_flash]
+TIMINGS = [time_lightning, time_flash]
+
+
+def _kernel_of(fn: Callable) -> str:
+    return fn.__name__.split("_", 1)[1]  # check_flash -> flash
+
+
+def _run_part(fn: Callable, *args):
+    """Run one check / timing; an exception becomes a failed check so later parts still run."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - one broken kernel must not hide the others' results
+        traceback.print_exc()
+        RESULTS["checks"].append({"kernel": _kernel_of(fn), "part": fn.__name__, "ok": False,
+                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        torch.cuda.empty_cache()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="gpu_check.json")
+    known = sorted({_kernel_of(f) for f in CHECKS + TIMINGS})
+    p.add_argument("--only", default=None, help=f"comma list of kernels to run, of: {', '.join(known)}")
     args = p.parse_args()
+    only = known if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        p.error(f"--only: unknown kernel(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
     name = torch.cuda.get_device_name(0)
@@ -135,10 +278,11 @@ def main():
     RESULTS["device"] = name
     t0 = time.time()
     for fn in CHECKS:
-        fn()
-    lengths = [8192, 32768] if args.quick else [8192, 32768, 131072, 524288]
+        if _kernel_of(fn) in only:
+            _run_part(fn)
     for fn in TIMINGS:
-        fn(lengths)
+        if _kernel_of(fn) in only:
+            _run_part(fn, args.quick)
     RESULTS["wall_s"] = time.time() - t0
     with open(args.out, "w") as f:
         json.dump(RESULTS, f, indent=1)
