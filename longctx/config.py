@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -62,6 +62,13 @@ class DataConfig:
 class ParallelConfig:
     # Sequence-parallel degree; data-parallel degree is world_size / sp.
     sp: int = 1
+    # Softmax attention under SP: sp = sp_ulysses x sp_ring. 0 = derive: Ulysses alone when
+    # only sp is set, or sp / the other degree when one of them is set.
+    sp_ulysses: int = 0
+    sp_ring: int = 0
+    # How the sequence is split: auto = zigzag when a ring is used and every mixer allows it,
+    # contiguous otherwise (see parallel/sharding.py).
+    layout: str = "auto"
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: int = 600
 
@@ -125,6 +132,7 @@ class Config:
 CHOICES = {
     "data.kind": ("tokens", "synthetic", "passkey"),
     "parallel.backend": ("auto", "gloo", "nccl"),
+    "parallel.layout": ("auto", "contiguous", "zigzag"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -247,6 +255,36 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def sp_degrees(p) -> Tuple[int, int]:
+    """(ulysses, ring) degrees from parallel.sp / sp_ulysses / sp_ring, checked."""
+    u, r = p.sp_ulysses, p.sp_ring
+    _need(u >= 0 and r >= 0, f"parallel.sp_ulysses={u}, parallel.sp_ring={r}: use degrees >= 1 (or 0 to derive)")
+    if u == 0 and r == 0:
+        u, r = p.sp, 1
+    elif u == 0:
+        _need(p.sp % r == 0, f"parallel.sp_ring={r} does not divide parallel.sp={p.sp}: use a divisor of {p.sp}")
+        u = p.sp // r
+    elif r == 0:
+        _need(p.sp % u == 0, f"parallel.sp_ulysses={u} does not divide parallel.sp={p.sp}: use a divisor of {p.sp}")
+        r = p.sp // u
+    _need(u * r == p.sp, f"parallel.sp_ulysses={u} x parallel.sp_ring={r} = {u * r} but parallel.sp={p.sp}: "
+                         f"the two degrees must multiply to sp")
+    return u, r
+
+
+def sp_layout(cfg: DictConfig) -> str:
+    """The sequence layout: zigzag balances a causal ring; mixers whose state flows rank to
+    rank (lightning) need contiguous."""
+    p = cfg.parallel
+    if p.layout != "auto":
+        return p.layout
+    from longctx.model.mixers import sp_layouts
+    _, ring = sp_degrees(p)
+    if ring > 1 and all("zigzag" in sp_layouts(n) for n in cfg.model.mixers):
+        return "zigzag"
+    return "contiguous"
+
+
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Consistency checks that the type system cannot express."""
     for key, allowed in CHOICES.items():
@@ -277,14 +315,21 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or lower data.seq_len")
     if d.kind == "tokens":
         _need(d.path is not None, "data.kind=tokens needs data.path (a token file from `longctx data prepare`)")
-    _need(p.sp == 1 or d.seq_len % p.sp == 0,
-          f"data.seq_len={d.seq_len} is not divisible by parallel.sp={p.sp}: use a multiple of {p.sp}")
+    ulysses, ring = sp_degrees(p)
     if p.sp > 1:
-        from longctx.model.mixers import sp_capable
+        from longctx.model.mixers import sp_capable, sp_layouts
         bad = sorted({n for n in m.mixers if not sp_capable(n)})
         _need(not bad, f"parallel.sp={p.sp}: mixer(s) {', '.join(bad)} in model.mixers cannot run sequence-parallel "
-                       f"yet (softmax attention gets Ulysses/ring with issue 4); use parallel.sp=1 or mixers that can: "
+                       f"yet; use parallel.sp=1 or mixers that can: "
                        f"{', '.join(sorted(k for k in MIXERS if sp_capable(k)))}")
+        if any(n in ("softmax",) for n in m.mixers):
+            from longctx.parallel.ulysses import check_heads
+            why = check_heads(m.n_heads, kv, ulysses, p.sp)
+            _need(why is None, f"parallel.sp_ulysses={ulysses}: {why}")
+        if p.layout == "zigzag":
+            bad = sorted({n for n in m.mixers if "zigzag" not in sp_layouts(n)})
+            _need(not bad, f"parallel.layout=zigzag: mixer(s) {', '.join(bad)} need the contiguous layout "
+                           f"(state flows rank to rank); use parallel.layout=auto or contiguous")
     if world_size is not None:
         _need(world_size % p.sp == 0,
               f"world size {world_size} is not divisible by parallel.sp={p.sp}: launch a multiple of {p.sp} "

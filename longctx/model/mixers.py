@@ -37,3 +37,8 @@ from longctx.model import softmax as _softmax  # noqa: E402,F401
 def sp_capable(name: str) -> bool:
     """Whether a mixer runs under sequence parallelism (class attribute `supports_sp`)."""
     return bool(getattr(MIXERS[name], "supports_sp", False))
+
+
+def sp_layouts(name: str) -> tuple:
+    """Sequence layouts a mixer accepts under SP (class attribute `sp_layouts`)."""
+    return tuple(getattr(MIXERS[name], "sp_layouts", ("contiguous",)))

@@ -7,12 +7,18 @@ import torch.nn.functional as F
 
 from longctx.model.mixers import register_mixer
 from longctx.model.rope import apply_rope
+from longctx.parallel.ulysses import sp_attention
 
 
 @register_mixer("softmax")
 class SoftmaxAttention(nn.Module):
     """Causal multi-head attention with n_kv_heads <= n_heads (GQA). Projection names follow
-    Hugging Face LLaMA (q_proj, k_proj, v_proj, o_proj) so weights import without renaming."""
+    Hugging Face LLaMA (q_proj, k_proj, v_proj, o_proj) so weights import without renaming.
+
+    Without sequence parallelism: torch SDPA. Under SP: Ulysses, ring or the hybrid
+    (parallel/ulysses.py) over the flash kernel, masks from global positions."""
+    supports_sp = True
+    sp_layouts = ("contiguous", "zigzag")
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -33,6 +39,10 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.sp is not None and ctx.sp.size > 1:
+            pos, doc, meta = ctx.sp_meta()
+            o = sp_attention(q, k, v, ctx.sp, pos, doc, causal=True, meta=meta)
+            return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
         mask = ctx.causal_doc_mask()  # None when documents are not masked: plain causal path
         if self.n_kv_heads != self.n_heads:
             # SDPA's enable_gqa does not reach every CPU kernel; expanding K/V is exact and cheap here.

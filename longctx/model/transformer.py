@@ -45,6 +45,16 @@ class SeqContext:
             self._cache[key] = rope_cos_sin(self.positions, inv, dtype)
         return self._cache[key]
 
+    def sp_meta(self):
+        """(positions (L,), doc ids (B, L) or None, gathered meta) for sequence-parallel
+        attention: computed once per step and shared by all layers."""
+        if "sp_meta" not in self._cache:
+            from longctx.parallel.sharding import check_positions_shared
+            from longctx.parallel.ulysses import gather_meta
+            pos = check_positions_shared(self.positions)
+            self._cache["sp_meta"] = (pos, self.doc_ids, gather_meta(self.sp, pos, self.doc_ids))
+        return self._cache["sp_meta"]
+
     def causal_doc_mask(self) -> Optional[torch.Tensor]:
         """(B, 1, L, L) boolean mask, True where attention is allowed: causal and same document."""
         if self.doc_ids is None:

@@ -5,10 +5,10 @@ sequence-parallel group are neighbours (on one node when possible). Inside an SP
 degree sp = ulysses x ring, the Ulysses index is fastest: sp_rank = ring_idx * ulysses + u, so
 the all-to-all (the heavier, latency-bound collective) stays between the closest ranks.
 
-`Mesh` is also DeepSpeed's `mpu`: it reports the sequence-parallel group, and the
-sequence-data-parallel group (dp x sp, the whole world) over which ZeRO shards and reduces.
-DeepSpeed then sums gradients over sp and averages over dp; the trainer scales each rank's
-loss so the result is the gradient of the global token mean (see trainer.grad_divisor).
+`Mesh` is also DeepSpeed's `mpu`: to DeepSpeed, dp x sp (the whole world) is the data-parallel
+group over which ZeRO shards and reduces. DeepSpeed averages gradients over it; the trainer
+scales each rank's loss so the result is the gradient of the global token mean (see
+trainer.grad_divisor).
 """
 from __future__ import annotations
 
@@ -122,6 +122,13 @@ class Mesh:
                         ring_group=self.ring_group, ring_ranks=ring_ranks)
 
     # --- DeepSpeed mpu interface (model/tensor/pipeline parallel degree 1) --------------------
+    # To DeepSpeed every rank of dp x sp is a data-parallel replica of the weights: ZeRO shards
+    # and reduces over all of them, dividing the gradient sum by world size at every stage. The
+    # sequence-parallel hooks (get_sequence_parallel_*) are deliberately absent: DeepSpeed
+    # 0.19's ZeRO-1/2 and ZeRO-3's contiguous path then divide by world/sp, but ZeRO-3's
+    # reduce-scatter path (the default) divides by world, so gradients would be 2x off at
+    # ZeRO-3 only (found by tests/distributed/test_sp_gradients.py). The trainer's loss
+    # scaling makes the one uniform division exact.
     def get_model_parallel_rank(self) -> int:
         return 0
 
@@ -132,30 +139,12 @@ class Mesh:
         return _self_group()
 
     def get_data_parallel_group(self):
-        return self.dp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp
-
-    def get_sequence_parallel_group(self):
-        return self.sp_group if self.sp > 1 else _self_group()
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.sp_rank
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.sp
-
-    def get_sequence_data_parallel_group(self):
         return self.grad_group
 
-    def get_sequence_data_parallel_rank(self) -> int:
+    def get_data_parallel_rank(self) -> int:
         return self.rank
 
-    def get_sequence_data_parallel_world_size(self) -> int:
+    def get_data_parallel_world_size(self) -> int:
         return self.world_size
 
 

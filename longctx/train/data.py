@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from longctx.parallel.sharding import shard_batch, shard_ranges
 from longctx.train.files import fsync_dir, sha256_file, write_tmp
 import torch
 
@@ -584,17 +585,17 @@ class _StepSampler:
     """Shared indexing and state for samplers that are pure functions of (seed, step)."""
 
     def __init__(self, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int,
-                 dp_size: int, sp_rank: int, sp_size: int):
+                 dp_size: int, sp_rank: int, sp_size: int, layout: str = "contiguous", ulysses: int = 1):
         _check_positive("seq_len", seq_len)
         _check_positive("micro_batch_size", micro_batch_size)
         _check_rank("dp", dp_rank, dp_size)
         _check_rank("sp", sp_rank, sp_size)
-        if seq_len % sp_size:
-            raise ValueError(f"seq_len={seq_len} is not divisible by sp_size={sp_size}: "
-                             f"use a seq_len that is a multiple of the sequence-parallel degree")
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
-        self.shard_len = seq_len // sp_size
+        # This SP rank's pieces of the (padded) window: parallel/sharding.py
+        self.layout, self.ulysses = layout, ulysses
+        self.ranges = shard_ranges(seq_len, sp_size, sp_rank, layout, ulysses)
+        self.shard_len = sum(b - a for a, b in self.ranges)
         self.consumed_steps = 0
 
     def global_indices(self, step: int, micro: int = 0, grad_accum: int = 1) -> List[int]:
@@ -605,11 +606,6 @@ class _StepSampler:
         mb = self.micro_batch_size
         base = (step * grad_accum + micro) * (mb * self.dp_size) + self.dp_rank * mb
         return [base + i for i in range(mb)]
-
-    def _shard(self, x: np.ndarray) -> np.ndarray:
-        """This sp rank's contiguous piece of a (..., seq_len) array."""
-        a = self.sp_rank * self.shard_len
-        return x[..., a:a + self.shard_len]
 
     def advance(self, step: int) -> None:
         """Record that optimizer step `step` (0-based) finished: consumed_steps = step + 1."""
@@ -638,8 +634,9 @@ class PackedSampler(_StepSampler):
     """
 
     def __init__(self, token_file, seq_len: int, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1):
-        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size)
+                 dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
+                 layout: str = "contiguous", ulysses: int = 1):
+        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses)
         self.token_file = TokenFile(token_file) if isinstance(token_file, str) else token_file
         n = self.token_file.n_tokens
         self.n_windows = (n - 1) // seq_len
@@ -666,19 +663,32 @@ class PackedSampler(_StepSampler):
         return out
 
     def _sample(self, window: int) -> Tuple[np.ndarray, ...]:
-        """(input_ids, labels, positions, doc_ids), each int64 (shard_len,), for one window."""
-        T = self.shard_len
-        start = window * self.seq_len
-        s0 = start + self.sp_rank * T
-        x = self.token_file.read(s0, s0 + T + 1)  # shard plus one token for the last label
-        pos = np.arange(self.sp_rank * T, self.sp_rank * T + T, dtype=np.int64)
-        doc = self.token_file.doc_index(start + pos) - self.token_file.doc_index(np.int64(start))
-        return x[:-1], x[1:], pos, doc
+        """(input_ids, labels, positions, doc_ids), each int64 (shard_len,), for one window:
+        this rank's pieces only (reads nothing else), padding past seq_len as sharding.py says."""
+        T, start = self.seq_len, window * self.seq_len
+        tf = self.token_file
+        ids, labels, pos = [], [], []
+        for a, b in self.ranges:
+            e = min(b, T)
+            if e > a:
+                x = tf.read(start + a, start + e + 1)  # piece plus one token for the last label
+                ids.append(x[:-1].astype(np.int64))
+                labels.append(x[1:].astype(np.int64))
+            n_pad = b - max(a, e)
+            if n_pad:
+                ids.append(np.full(n_pad, tf.eos_id, dtype=np.int64))
+                labels.append(np.full(n_pad, IGNORE_INDEX, dtype=np.int64))
+            pos.append(np.arange(a, b, dtype=np.int64))
+        pos = np.concatenate(pos)
+        d0 = tf.doc_index(np.int64(start))
+        doc = tf.doc_index(start + np.minimum(pos, T - 1)) - d0
+        doc = np.where(pos < T, doc, tf.doc_index(np.int64(start + T - 1)) - d0 + 1)  # padding: its own document
+        return np.concatenate(ids), np.concatenate(labels), pos, doc
 
     def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
-        """Tensors of shape (micro_batch_size, seq_len // sp_size), all int64:
-        input_ids, labels (next token), positions (inside the window), doc_ids (from 0 at the
-        window start, +1 after each eos)."""
+        """Tensors of shape (micro_batch_size, shard_len), all int64: input_ids, labels (next
+        token), positions (inside the window), doc_ids (from 0 at the window start, +1 after
+        each eos). shard_len = seq_len without SP, else this rank's share of the padded window."""
         samples = [self._sample(w) for w in self.windows(step, micro, grad_accum)]
         keys = ("input_ids", "labels", "positions", "doc_ids")
         return {k: torch.from_numpy(np.stack([s[j] for s in samples])) for j, k in enumerate(keys)}
@@ -692,8 +702,9 @@ class PasskeySampler(_StepSampler):
     """
 
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1):
-        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size)
+                 dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
+                 layout: str = "contiguous", ulysses: int = 1):
+        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses)
         self.tokenizer = _as_tokenizer(tokenizer)
 
     def sample(self, g: int) -> dict:
@@ -710,24 +721,27 @@ class PasskeySampler(_StepSampler):
         return {"input_ids": ids[:-1], "labels": labels, "passkey": s["passkey"], "depth": depth}
 
     def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
-        """Tensors (micro_batch_size, seq_len // sp_size) int64: input_ids, labels (-100 except
-        the answer), positions (global arange), doc_ids (zeros)."""
+        """Tensors (micro_batch_size, shard_len) int64: input_ids, labels (-100 except the
+        answer), positions (global arange), doc_ids (zeros); this SP rank's pieces."""
         samples = [self.sample(g) for g in self.global_indices(step, micro, grad_accum)]
         ids = np.stack([s["input_ids"] for s in samples])
         labels = np.stack([s["labels"] for s in samples])
         pos = np.broadcast_to(np.arange(self.seq_len, dtype=np.int64), ids.shape)
         out = {"input_ids": ids, "labels": labels, "positions": pos, "doc_ids": np.zeros_like(ids)}
-        return {k: torch.from_numpy(np.ascontiguousarray(self._shard(v))) for k, v in out.items()}
+        out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+        return shard_batch(out, self.sp_size, self.sp_rank, self.layout, self.ulysses)
 
 
-def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int):
+def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
+                 layout: str = "contiguous", ulysses: int = 1):
     """Build the sampler for `data_cfg.kind`; returns (sampler, vocab_size_needed).
 
-    `tokenizer` may be None, in which case data_cfg.tokenizer is loaded.
+    `tokenizer` may be None, in which case data_cfg.tokenizer is loaded. layout / ulysses: how
+    the sequence is split over the SP ranks (parallel/sharding.py).
     """
     tok = load_tokenizer(data_cfg.tokenizer) if tokenizer is None else _as_tokenizer(tokenizer)
     common = dict(seq_len=data_cfg.seq_len, micro_batch_size=data_cfg.micro_batch_size,
-                  seed=data_cfg.seed, dp_rank=dp_rank, dp_size=dp_size)
+                  seed=data_cfg.seed, dp_rank=dp_rank, dp_size=dp_size, layout=layout, ulysses=ulysses)
     kind = data_cfg.kind
     if kind == "tokens":
         if not data_cfg.path:

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from longctx.config import ConfigError, deepspeed_config, model_signature, to_yaml, validate
+from longctx.config import ConfigError, deepspeed_config, model_signature, sp_degrees, sp_layout, to_yaml, validate
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
-from longctx.parallel.groups import SPHandle, build_mesh, init_distributed
+from longctx.parallel.groups import build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
@@ -29,6 +29,9 @@ from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops,
 # as in metrics.jsonl) NaN, to exercise train.on_nonfinite and the gradient check.
 _INJECT_NAN_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_STEP", "-1"))
 _INJECT_NAN_GRAD_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_GRAD_STEP", "-1"))
+# Test hook: after the first step's backward, rank 0 saves every parameter's full gradient
+# (gathered from ZeRO partitions) to this path; compares SP and ZeRO stages against SP=1.
+_DUMP_GRADS = os.environ.get("LONGCTX_DUMP_GRADS")
 
 
 class _NanGrad(torch.autograd.Function):
@@ -153,6 +156,21 @@ def _nonfinite(what: str, step: int, last_good: Optional[str], policy: str) -> N
     _log0(f"warning: non-finite {what} at step {step}; the step is skipped (train.on_nonfinite=skip)")
 
 
+def _dump_grads(model, path: str, rank: int) -> None:
+    from deepspeed.utils import safe_get_full_grad
+    grads = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}  # collective at ZeRO-3
+    if rank == 0:
+        torch.save({n: g.detach().float().cpu() for n, g in grads.items()}, path)
+
+
+def grad_divisor(engine) -> float:
+    """What DeepSpeed divides the gradient sum over the dp x sp ranks by. Our mesh (the mpu)
+    presents all of dp x sp as data parallel, so every stage divides by the world size (see
+    Mesh). tests/distributed/test_sp_gradients.py checks each ZeRO stage's gradients under SP
+    against an SP=1 run, so a DeepSpeed change here cannot pass silently."""
+    return engine.seq_dp_world_size / engine.sequence_parallel_size
+
+
 def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     """Run (or resume) training as configured. Every rank calls this."""
     _quiet_deepspeed()
@@ -163,7 +181,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     launcher = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     validate(cfg, world_size=world)
-    mesh = build_mesh(cfg.parallel.sp)
+    ulysses, _ = sp_degrees(cfg.parallel)
+    layout = sp_layout(cfg)
+    mesh = build_mesh(cfg.parallel.sp, ulysses)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by every launcher we support
     if device.type == "cpu":
@@ -194,7 +214,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         _check_resume_compatible(ckpt.read_meta(resume_folder), cfg, world, resume_folder)
 
     # Data: each rank reads only its own samples (and its own sequence shard).
-    sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp)
+    sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp,
+                                         layout, ulysses)
     if vocab_needed > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({vocab_needed} ids): set model.vocab_size >= {vocab_needed}")
@@ -204,11 +225,12 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     if cfg.model.tie_embeddings and cfg.deepspeed.zero_stage == 3:
         # the head reuses embed.weight outside the embedding's forward: tell ZeRO-3 to gather it
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
-    ds_cfg = deepspeed_config(cfg, dp_size=world)
+    ds_cfg = deepspeed_config(cfg, dp_size=world)  # DeepSpeed's data parallel: every replica (dp x sp)
     sched_fn = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg,
+        model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg, mpu=mesh,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), dist_init_required=False)
+    divisor = grad_divisor(engine)
 
     # Per-rank RNG streams differ (seeded by rank) for anything stochastic in the step.
     torch.manual_seed(t.seed + 1 + rank)
@@ -247,7 +269,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     zero0 = cfg.deepspeed.zero_stage == 0 and t.precision != "fp16"
-    sp_handle = SPHandle(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
+    sp_handle = mesh.sp_handle(layout)
     last_good = resume_folder
     losses: List[float] = []
     engine.train()
@@ -273,14 +295,16 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
                 _nonfinite("loss", step + 1, last_good, t.on_nonfinite)
                 skipped = True  # grad_accum is 1 under on_nonfinite=skip (config check): nothing accumulated
                 break
-            # DeepSpeed divides by grad_accum and averages over the world: undo both so the
-            # result is d(sum of all ranks' token losses / n_global).
-            engine.backward(loss_sum * (world * ga / n_global))
+            # DeepSpeed divides by grad_accum and by `divisor` after summing over dp x sp: undo
+            # both so the result is d(sum of all ranks' token losses / n_global).
+            engine.backward(loss_sum * (divisor * ga / n_global))
             if zero0 and engine.is_gradient_accumulation_boundary() and not _grads_finite(model, device):
                 # ZeRO-0 has no overflow check and reports no norm: stop before the update lands
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
                 raise TrainingError(f"non-finite gradients at step {step + 1} with a finite loss ({where}); "
                                     f"the update was not applied; resume with --resume auto after lowering train.lr")
+            if _DUMP_GRADS and step == start_step and engine.is_gradient_accumulation_boundary():
+                _dump_grads(model, _DUMP_GRADS, rank)
             engine.step()
             loss_sum_local += float(loss_sum.detach())
         if not skipped:

@@ -59,8 +59,34 @@ def test_inconsistent_values(ov, words):
 
 
 def test_world_size_checked():
-    # sp > 1 is refused until a sequence-parallel mixer exists; the world-size rule is still stated
-    assert "parallel.sp" in err(["parallel.sp=2"])
+    msg = err(["parallel.sp=2"], world_size=3)
+    assert "world size 3" in msg and "parallel.sp=2" in msg
+
+
+@pytest.mark.parametrize("ov, words", [
+    # 6 heads (tiny config) cannot be split 4 ways: the alternatives are named
+    (["parallel.sp=4"], ["Ulysses degree 4", "ring", "sp_ulysses=2 x sp_ring=2", "sp_ulysses=1 x sp_ring=4"]),
+    (["parallel.sp=4", "parallel.sp_ulysses=3"], ["parallel.sp_ulysses=3", "does not divide", "parallel.sp=4"]),
+    (["parallel.sp=4", "parallel.sp_ulysses=2", "parallel.sp_ring=4"], ["x parallel.sp_ring=4 = 8"]),
+    (["parallel.sp=2", "model.n_kv_heads=3"], ["3 KV heads", "Ulysses degree 2"]),
+    (["parallel.sp=2", "parallel.sp_ring=2", "parallel.layout=zigzag", "model.mixers=[lightning,softmax]"],
+     ["parallel.layout=zigzag", "lightning", "contiguous"]),
+    (["parallel.layout=spiral"], ["parallel.layout='spiral'", "'zigzag'"]),
+])
+def test_sequence_parallel_degrees_checked(ov, words):
+    msg = err(ov, world_size=4)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_sequence_parallel_layout_resolved():
+    from longctx.config import sp_degrees, sp_layout
+    cfg = load_config(TINY, ["parallel.sp=4", "parallel.sp_ring=2"], world_size=4)
+    assert sp_degrees(cfg.parallel) == (2, 2) and sp_layout(cfg) == "zigzag"
+    cfg = load_config(TINY, ["parallel.sp=2", "parallel.sp_ring=2", "model.mixers=[lightning,softmax]"], world_size=2)
+    assert sp_layout(cfg) == "contiguous"  # lightning's state flows rank to rank
+    cfg = load_config(TINY, ["parallel.sp=2"], world_size=2)
+    assert sp_degrees(cfg.parallel) == (2, 1) and sp_layout(cfg) == "contiguous"
 
 
 def test_missing_file():

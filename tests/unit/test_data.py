@@ -227,8 +227,31 @@ def test_packed_sampler_sp_shards_concat_to_full(corpus):
     for k in KEYS:
         assert shards[0][k].shape == (4, 4)
         assert torch.equal(torch.cat([s[k] for s in shards], dim=1), full[k]), k
-    with pytest.raises(ValueError, match="sp_size=3"):
-        _sampler(prefix, sp_size=3)
+
+
+
+@pytest.mark.parametrize("P, layout, ulysses", [(3, "contiguous", 1), (3, "zigzag", 1), (4, "zigzag", 2),
+                                                (2, "zigzag", 1)])
+def test_packed_sampler_layouts_pad_and_reassemble(corpus, P, layout, ulysses):
+    """Every layout's shards, put back by their global positions, give the unsharded batch;
+    padding (seq_len 16 does not divide into 2P = 6 pieces at P=3) has no labels, positions
+    past the end and a document of its own."""
+    prefix, _ = corpus
+    full = _sampler(prefix).batch(2, micro=0, grad_accum=1)
+    T = full["input_ids"].shape[1]
+    shards = [_sampler(prefix, sp_rank=r, sp_size=P, layout=layout, ulysses=ulysses).batch(2, micro=0, grad_accum=1)
+              for r in range(P)]
+    assert len({s["input_ids"].shape for s in shards}) == 1  # equal shard lengths (the all-to-all needs them)
+    seen = torch.zeros(T, dtype=torch.long)
+    for s in shards:
+        pos = s["positions"][0]
+        real = pos < T
+        for k in KEYS:
+            assert torch.equal(s[k][:, real], full[k][:, pos[real]]), k
+        assert (s["labels"][:, ~real] == -100).all()
+        assert (s["doc_ids"][:, ~real] == full["doc_ids"][:, -1:] + 1).all()
+        seen[pos[real]] += 1
+    assert (seen == 1).all()  # each real token on exactly one rank
 
 
 def test_packed_sampler_doc_ids_step_after_eos(corpus):

@@ -51,12 +51,11 @@ def test_hybrid_pattern_and_document_isolation():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_sp_refused_for_softmax_named():
-    from longctx.config import ConfigError
-    with pytest.raises(ConfigError, match="softmax"):
-        load_config("configs/tiny-cpu.yaml", ["parallel.sp=2", "model.mixers=[lightning,softmax]"])
-    c = load_config("configs/tiny-cpu.yaml", ["parallel.sp=2", "model.mixers=[lightning]"])
-    assert c.parallel.sp == 2
+def test_sp_hybrid_lightning_softmax_accepted():
+    # softmax layers run Ulysses / ring under SP since issue 4; lightning keeps the contiguous layout
+    from longctx.config import sp_layout
+    c = load_config("configs/tiny-cpu.yaml", ["parallel.sp=2", "model.mixers=[lightning,softmax]"])
+    assert c.parallel.sp == 2 and sp_layout(c) == "contiguous"
 
 
 def test_flops_per_token_counts_lightning_layers():
