@@ -361,16 +361,20 @@ class FlashConfig:
 def pick_config(head_dim: int, dtype: torch.dtype) -> FlashConfig:
     """Fixed H100-sized tiles by head dim (max of D, Dv) and dtype.
 
-    Shared memory at d=128 (per program, bf16): fwd q 32 KiB + 3 stages x (k + v) 16 KiB = 80 KiB;
-    dkdv k, v 32 KiB + 2 stages x (q + dO) 16 KiB; dq q, dO 32 KiB + 3 stages x 8 KiB. fp32 halves
-    the tiles (it exists for accuracy checks, not speed). All within the H100's 227 KiB."""
+    bf16 d=128 picked by a sweep on an H100 (T=16K, H=16, causal): fwd 128x64, 8 warps, 3 stages
+    (460 TFLOP/s; 128x128 and 64x64 within 1 %); dK/dV 32 queries x 64 keys, 4 warps, 3 stages
+    (the whole backward 7.4 ms against 12.2 ms with 64x64 / 8 warps, 16.7 ms with 32x128 / 4
+    warps, which runs out of registers); dQ 128x32, 8 warps (tilings within 5 %). Shared memory
+    at d=128 bf16: fwd q 32 KiB + 3 stages x (k + v) 32 KiB; dK/dV k, v 32 KiB + 3 stages x
+    (q + dO) 16 KiB; dQ q, dO 64 KiB + 3 stages x 16 KiB: all within the H100's 227 KiB. fp32
+    halves the tiles (it exists for accuracy checks, not speed). d <= 64 is not tuned."""
     if dtype == torch.float32:
         if head_dim <= 64:
             return FlashConfig(Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2))
         return FlashConfig(Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 8, 2))
     if head_dim <= 64:
-        return FlashConfig(Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3))
-    return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 64, 8, 2), Tiles(128, 32, 8, 3))
+        return FlashConfig(Tiles(128, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 4, 3))
+    return FlashConfig(Tiles(128, 64, 8, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 8, 3))
 
 
 # ------------------------------------------------------------------------------------------------
