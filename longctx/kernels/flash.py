@@ -47,6 +47,31 @@ class _Flash(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
+def flash_fwd(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block=256, backend="auto"):
+    """Forward kernel without autograd (ring attention drives it): (o, lse) as flash_attn."""
+    if _backend(q, k, v, backend) == "triton":
+        from longctx.kernels.flash_triton import flash_fwd_triton
+        return flash_fwd_triton(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc)
+    return flash_fwd_torch(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block)
+
+
+def flash_bwd(do, q, k, v, o, lse, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block=256, dlse=None,
+              backend="auto", out=None):
+    """Backward kernel without autograd: (dq, dk, dv) for probabilities recomputed from `lse`
+    (which may be the log-sum-exp over more keys than k holds: ring attention). out: fp32
+    accumulators (dq, dk, dv) to add into; returned."""
+    if _backend(q, k, v, backend) == "triton":
+        from longctx.kernels.flash_triton import flash_bwd_triton
+        g = flash_bwd_triton(do, q, k, v, o, lse, causal, scale, window, q_pos, k_pos, q_doc, k_doc, dlse)
+        if out is None:
+            return g
+        for acc, x in zip(out, g):
+            acc += x
+        return out
+    return flash_bwd_torch(do, q, k, v, o, lse, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block, dlse,
+                           out=out)
+
+
 def _backend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> str:
     """'auto': Triton for CUDA tensors it supports (float16/bfloat16/float32, head dims 16, 32,
     64, 128) when triton imports, the torch path otherwise. 'triton' asked by name is checked

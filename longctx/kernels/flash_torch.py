@@ -96,9 +96,12 @@ def flash_fwd_torch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 
 def flash_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                     scale: float, window: Optional[int], q_pos: Tensor, k_pos: Tensor, q_doc: Optional[Tensor],
-                    k_doc: Optional[Tensor], block: int = 256, dlse: Optional[Tensor] = None):
+                    k_doc: Optional[Tensor], block: int = 256, dlse: Optional[Tensor] = None,
+                    out: Optional[Tuple[Tensor, Tensor, Tensor]] = None):
     """Gradients (dq, dk, dv) by recomputing each tile's probabilities from lse.
-    dlse (B, H, Tq): gradient flowing into lse (ring merges use it), or None."""
+    dlse (B, H, Tq): gradient flowing into lse (ring merges use it), or None.
+    out: (dq, dk, dv) accumulators in lse's dtype, shaped like q, k, v, that the gradients are
+    added into (ring attention: no fresh buffers per step); they are returned as they are."""
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -110,9 +113,15 @@ def flash_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
     Dterm = (dog * o.view(B, Hkv, G, Tq, Dv).to(cdt)).sum(-1)
     if dlse is not None:
         Dterm = Dterm - dlse.view(B, Hkv, G, Tq).to(cdt)
-    dq = torch.zeros(B, Hkv, G, Tq, D, dtype=cdt, device=q.device)
-    dk = torch.zeros(B, Hkv, Tk, D, dtype=cdt, device=q.device)
-    dv = torch.zeros(B, Hkv, Tk, Dv, dtype=cdt, device=q.device)
+    if out is not None:
+        for name, buf, like in zip(("dq", "dk", "dv"), out, (q, k, v)):
+            if buf.shape != like.shape or buf.dtype != cdt or not buf.is_contiguous():
+                raise ValueError(f"out {name}: expected a contiguous {cdt} tensor of shape {tuple(like.shape)}")
+        dq, dk, dv = out[0].view(B, Hkv, G, Tq, D), out[1], out[2]
+    else:
+        dq = torch.zeros(B, Hkv, G, Tq, D, dtype=cdt, device=q.device)
+        dk = torch.zeros(B, Hkv, Tk, D, dtype=cdt, device=q.device)
+        dv = torch.zeros(B, Hkv, Tk, Dv, dtype=cdt, device=q.device)
     for qs, qe in _blocks(Tq, block):
         qt = qg[:, :, :, qs:qe].to(cdt)
         lt = lseg[:, :, :, qs:qe]
@@ -133,4 +142,6 @@ def flash_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
             ds = p * (dp - Dterm[:, :, :, qs:qe, None]) * scale
             dq[:, :, :, qs:qe] += torch.einsum("bhgqk,bhkd->bhgqd", ds, kt)
             dk[:, :, ks:ke] += torch.einsum("bhgqk,bhgqd->bhkd", ds, qt)
+    if out is not None:
+        return out
     return dq.view(B, H, Tq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

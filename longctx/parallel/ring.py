@@ -21,28 +21,21 @@ from typing import List, Optional
 
 import torch
 
-from longctx.kernels.flash_torch import flash_bwd_torch, flash_fwd_torch
+from longctx.kernels.flash import flash_bwd, flash_fwd
 from longctx.parallel.comm import Exchange
 
 Tensor = torch.Tensor
 
 
-def flash_fwd(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block, backend):
-    return flash_fwd_torch(q, k, v, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block)
-
-
-def flash_bwd(do, q, k, v, o, lse, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block, dlse, backend):
-    return flash_bwd_torch(do, q, k, v, o, lse, causal, scale, window, q_pos, k_pos, q_doc, k_doc, block, dlse)
-
-
 def _merge(o: Optional[Tensor], lse: Optional[Tensor], o_s: Tensor, lse_s: Tensor):
-    """Log-sum-exp merge of two partial softmax results (rows with no key: lse = -inf, o = 0)."""
-    o_s, lse_s = o_s.to(lse_s.dtype), lse_s
+    """Log-sum-exp merge of two partial softmax results (rows with no key: lse = -inf, o = 0),
+    into o in place (o is the fp32 accumulator; no temporaries the size of o)."""
     if o is None:
-        return o_s, lse_s
+        return o_s.to(lse_s.dtype), lse_s
     new = torch.logaddexp(lse, lse_s)
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # -inf on both sides: keep 0
-    return o * torch.exp(lse - safe)[..., None] + o_s * torch.exp(lse_s - safe)[..., None], new
+    o.mul_(torch.exp(lse - safe)[..., None]).addcmul_(o_s, torch.exp(lse_s - safe)[..., None].to(o_s.dtype))
+    return o, new
 
 
 class _RingAttn(torch.autograd.Function):
@@ -58,6 +51,7 @@ class _RingAttn(torch.autograd.Function):
             o_s, lse_s = flash_fwd(q, blk[0], blk[1], causal, scale, window, q_pos, blk[2], q_doc,
                                    blk[3] if k_doc is not None else None, block, backend)
             o, lse = _merge(o, lse, o_s, lse_s)
+            del o_s
             if ex is not None:
                 blk = ex.wait()
         o = o.to(q.dtype)
@@ -79,15 +73,14 @@ class _RingAttn(torch.autograd.Function):
         acc_ex = None
         for s in range(R):
             ex = Exchange(blk, nxt, prv, group, op="ring_kv_grad") if s < R - 1 else None
-            dq_s, dk_s, dv_s = flash_bwd(do, q, blk[0], blk[1], o, lse, causal, scale, window, q_pos, blk[2],
-                                         q_doc, blk[3] if k_doc is not None else None, block, dlse, backend)
-            dq += dq_s
             if acc_ex is None:
-                acc = [dk_s.to(lse.dtype), dv_s.to(lse.dtype)]
+                acc = [torch.zeros(k.shape, dtype=lse.dtype, device=k.device),
+                       torch.zeros(v.shape, dtype=lse.dtype, device=v.device)]
             else:
                 acc = acc_ex.wait()
-                acc[0] += dk_s
-                acc[1] += dv_s
+            # gradients are added straight into dq and the travelling dK/dV accumulator
+            flash_bwd(do, q, blk[0], blk[1], o, lse, causal, scale, window, q_pos, blk[2], q_doc,
+                      blk[3] if k_doc is not None else None, block, dlse, backend, out=(dq, acc[0], acc[1]))
             # the accumulator follows its block; after R hops it is home
             if R > 1:
                 acc_ex = Exchange(acc, nxt, prv, group, op="ring_dkv")
