@@ -1,4 +1,4 @@
-"""`longctx` command line: train | data | info (eval, extend, plan, bench arrive with their issues).
+"""`longctx` command line: train | eval | plot | data | info (extend, plan arrive with their issues).
 
 Errors that a user can fix (config, data, checkpoints) print one line, `error: ...`, and exit 2.
 """
@@ -49,6 +49,54 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from longctx.eval.harness import parse_depths, parse_lengths, run_ppl, run_retrieval
+    from longctx.eval.plots import ppl_plot, retrieval_heatmap
+    from longctx.eval.tasks import check_task
+    task = check_task(args.task)
+    lengths = parse_lengths(args.lengths)
+    if args.hf:
+        raise ValueError("--hf: Hugging Face import arrives with issue 8; evaluate a longctx run with --checkpoint")
+    if not args.checkpoint:
+        raise ValueError("--checkpoint DIR is required (a run folder, its checkpoints/ folder or a step_N folder)")
+    from longctx.eval.lm import load_eval_model
+    model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides)
+    lead = _rank() == 0
+    out = args.out or f"eval_{task}_{name.replace('@', '_').replace('/', '_')}.json"
+    if task == "ppl":
+        from longctx.train.data import TokenFile
+        tf = TokenFile(args.data) if args.data else None
+        if tf is None:
+            from longctx.train.data import default_cache_dir, ensure_synthetic_token_file
+            tf = TokenFile(ensure_synthetic_token_file(cfg.data.cache_dir or default_cache_dir(), args.seed + 7,
+                                                       max(lengths) * args.windows * 2 + 1024))
+        res = run_ppl(model, tf.read, tf.n_tokens, lengths, args.windows, out, args.seed, progress=lead,
+                      model_name=name, write=lead)
+        if lead:
+            png = os.path.splitext(out)[0] + ".png"
+            ppl_plot([res], png)
+            for c in sorted(res["cells"].values(), key=lambda c: c["length"]):
+                print(f"length {c['length']:>8}: ppl {c['ppl']:.3f}  (last quarter {c['tail_ppl']:.3f})")
+            print(f"wrote {out} and {png}")
+        return 0
+    depths = parse_depths(args.depths)
+    res = run_retrieval(task, model, tok, lengths, depths, args.trials, out, args.seed, args.keys,
+                        progress=lead, model_name=name, write=lead)
+    if lead:
+        png = os.path.splitext(out)[0] + ".png"
+        retrieval_heatmap(res, png)
+        for L, acc in res["accuracy_by_length"].items():
+            print(f"length {int(L):>8}: accuracy {100 * acc:.1f}%")
+        print(f"wrote {out} and {png}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from longctx.eval.plots import plot_paths
+    print(f"wrote {plot_paths(args.paths, args.out)}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -95,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--chars", type=int, default=4_000_000)
     ds.add_argument("--seed", type=int, default=1234)
     ds.set_defaults(func=cmd_data_synth)
+
+    e = sub.add_parser("eval", help="long-context evaluation: passkey | niah | ppl (JSON + PNG; resumes)")
+    e.add_argument("task", help="passkey, niah or ppl")
+    e.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or a step_N folder")
+    e.add_argument("--hf", help="a Hugging Face model folder (with issue 8)")
+    e.add_argument("--lengths", default="1k,4k", help="context lengths, e.g. 1k,4k,16k")
+    e.add_argument("--depths", default="0:1:0.25", help="needle depths: start:stop:step or a list")
+    e.add_argument("--trials", type=int, default=10, help="trials per (length, depth)")
+    e.add_argument("--keys", type=int, default=1, help="niah: needles in the haystack (1 = single)")
+    e.add_argument("--data", help="ppl: token file prefix (default: the synthetic corpus, another seed)")
+    e.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="result JSON (an existing partial one is resumed); PNG beside it")
+    e.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. parallel.sp_ring=2")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="a run folder -> curves.png; eval JSON(s) -> heatmap or perplexity plot")
+    pl.add_argument("paths", nargs="+")
+    pl.add_argument("--out", default="", help="PNG path (default beside the input)")
+    pl.set_defaults(func=cmd_plot)
 
     i = sub.add_parser("info", help="versions, devices, registered mixers")
     i.set_defaults(func=cmd_info)

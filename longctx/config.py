@@ -22,6 +22,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MemoryConfig:
+    """Titans neural memory (mixers memory, mac, mag, mal; see longctx/memory/titans.py)."""
+    depth: int = 2              # 1: matrix memory; 2: MLP x + silu(x W1) W2
+    chunk: int = 64             # tokens per mini-batch of the inner gradient step
+    heads: Optional[int] = None  # memory heads; None means model.n_heads
+    expansion: int = 2          # depth-2 hidden width = expansion * memory head dim
+    max_lr: float = 0.2         # inner learning rate θ = max_lr * sigmoid(.)
+    max_state_norm: float = 1.0e4  # a memory weight/momentum norm above this is divergence
+    conv: int = 4               # depthwise causal conv kernel on q, k, v
+    window: int = 256           # sliding-window attention of mag / mal
+    segment: int = 256          # mac segment length (a multiple of chunk)
+    n_persistent: int = 4       # mac persistent memory tokens
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 320
     d_model: int = 256
@@ -40,6 +55,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
@@ -209,13 +225,17 @@ def _check_known(d: Any, cls, prefix: str, source: str) -> None:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                world_size: Optional[int] = None) -> DictConfig:
+                world_size: Optional[int] = None, base: Optional[Dict[str, Any]] = None) -> DictConfig:
     """Load a YAML config over the schema defaults, apply `key=value` overrides, validate.
+    base: a config as a dict (e.g. the one a checkpoint saved) used instead of a YAML file.
 
     Raises ConfigError (one line: key, value, fix) on any problem.
     """
     schema = OmegaConf.structured(Config)
     layers = []
+    if base is not None:
+        _check_known(base, Config, "", "saved config")
+        layers.append(("saved config", base))
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"config file '{path}' does not exist (see configs/ for examples)")
@@ -311,6 +331,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     from longctx.model.mixers import MIXERS  # local: the registry imports model code
     for name in m.mixers:
         _need(name in MIXERS, f"model.mixers: unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
+    validate_memory(m)
     _need(d.seq_len <= m.max_seq_len,
           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or lower data.seq_len")
     if d.kind == "tokens":
@@ -355,6 +376,25 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
     _need(not ds.offload_param or ds.zero_stage == 3,
           f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+
+
+def validate_memory(m) -> None:
+    """model.memory: ranges, and heads / segment consistent with d_model / chunk."""
+    mm = m.memory
+    _need(mm.depth in (1, 2), f"model.memory.depth={mm.depth} is not supported: use 1 (matrix memory) or 2 (MLP)")
+    for key in ("chunk", "expansion", "conv", "window", "segment"):
+        v = mm[key]
+        _need(v >= 1, f"model.memory.{key}={v} must be >= 1")
+    _need(mm.n_persistent >= 0, f"model.memory.n_persistent={mm.n_persistent} must be >= 0")
+    _need(mm.max_lr > 0, f"model.memory.max_lr={mm.max_lr} must be > 0 (values >= 1 diverge with l2-normalised keys)")
+    _need(mm.max_state_norm > 0, f"model.memory.max_state_norm={mm.max_state_norm} must be > 0")
+    heads = mm.heads if mm.heads is not None else m.n_heads
+    _need(heads >= 1 and m.d_model % heads == 0,
+          f"model.memory.heads={mm.heads} does not divide model.d_model={m.d_model}: use a divisor such as "
+          f"{[h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0][-4:]} (or null for model.n_heads)")
+    _need(mm.segment % mm.chunk == 0,
+          f"model.memory.segment={mm.segment} is not a multiple of model.memory.chunk={mm.chunk}: use a multiple "
+          f"such as {max(mm.chunk, mm.segment // mm.chunk * mm.chunk)}")
 
 
 def deepspeed_config(cfg: DictConfig, dp_size: int) -> Dict[str, Any]:

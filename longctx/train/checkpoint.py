@@ -249,3 +249,35 @@ def load(engine, folder: str) -> Dict[str, Any]:
         raise CheckpointError(f"{folder} has no RNG state for rank {rank} (saved with fewer ranks?)")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return read_meta(folder)
+
+
+def resolve_folder(path: str) -> str:
+    """A run folder, a checkpoints root (newest complete checkpoint) or one checkpoint folder ->
+    the checkpoint folder. CheckpointError when there is none."""
+    path = os.path.abspath(path)
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root) and list_checkpoints(root):
+            found = newest_complete(root, verify=False)
+            if found:
+                return found
+    if os.path.exists(os.path.join(path, META)):
+        why = check_complete(path, verify=False)
+        if why:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {why}")
+        return path
+    raise CheckpointError(f"no checkpoint in {path}: pass a run folder, its checkpoints/ folder or a step_N folder")
+
+
+def consolidated_state_dict(folder: str) -> Dict[str, torch.Tensor]:
+    """The model's full fp32 weights from a checkpoint of any ZeRO stage (no process group
+    needed): ZeRO 0-2 keep whole weights in the model-states file; ZeRO-3 shards them, and
+    DeepSpeed's zero_to_fp32 reassembles them."""
+    states = os.path.join(folder, "mp_rank_00_model_states.pt")
+    if not os.path.exists(states):
+        raise CheckpointError(f"{folder} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint?)")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if module and all(t.numel() > 0 for t in module.values()):
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    root, tag = os.path.split(os.path.abspath(folder))
+    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(root, tag=tag).items()}
