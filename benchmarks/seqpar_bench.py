@@ -3,8 +3,10 @@
     python benchmarks/seqpar_bench.py [--lengths 16384,65536] [--world 1,2,4] [--out FILE.json]
 
 For each global length T, SP degree P (gloo processes) and strategy (Ulysses, zigzag ring, and
-the 2x2 hybrid at P=4), fresh processes run one causal attention forward+backward over the
-whole sequence (B=1, H=4 query heads, 2 KV heads, d=64, fp32), each rank holding T/P tokens.
+the 2x2 hybrid at P=4), fresh processes run one causal attention layer forward+backward over
+the whole sequence: x (B=1, T/P tokens per rank, 256) -> q, k, v projections (H=4 query heads,
+2 KV heads, d=64, fp32) -> attention -> backward to x and the weights. As in a model, q, k and v
+are intermediates (freed once consumed), not inputs held by the caller.
 Reported per rank (the maximum over ranks): peak resident memory above the process's
 baseline before the inputs were made, wall time, and bytes received (communication counter).
 The peer is torch SDPA in one process on the same inputs (its CPU flash kernel), measured in
@@ -58,12 +60,16 @@ def worker(rank, world, port, T, strategy, q_out):
     base = _rss()
     L = T // world
     g = torch.Generator().manual_seed(rank)
-    q = torch.randn(1, H, L, D, generator=g).requires_grad_()
-    k, v = (torch.randn(1, HKV, L, D, generator=g).requires_grad_() for _ in range(2))
+    x = torch.randn(1, L, H * D, generator=g).requires_grad_()
+    wq = (torch.randn(H * D, H * D, generator=g) / (H * D) ** 0.5).requires_grad_()
+    wk, wv = ((torch.randn(H * D, HKV * D, generator=g) / (H * D) ** 0.5).requires_grad_() for _ in range(2))
     pos = torch.from_numpy(local_index(T, world, rank, layout, U))
     COMM.reset()
     dist.barrier()
     t0 = time.perf_counter()
+    q = (x @ wq).view(1, L, H, D).transpose(1, 2)
+    k = (x @ wk).view(1, L, HKV, D).transpose(1, 2)
+    v = (x @ wv).view(1, L, HKV, D).transpose(1, 2)
     if strategy == "sdpa":
         o = F.scaled_dot_product_attention(q, k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1),
                                            is_causal=True)
@@ -71,6 +77,7 @@ def worker(rank, world, port, T, strategy, q_out):
         o = flash_attn(q, k, v, True)[0]
     else:
         o = sp_attention(q, k, v, sp, pos, None)
+    del q, k, v
     o.backward(torch.ones_like(o))
     dist.barrier()
     dt = time.perf_counter() - t0
@@ -104,7 +111,7 @@ def main():
     p.add_argument("--world", default="1,2,4")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
-    print(f"machine: {os.cpu_count()} CPU threads; causal attention fwd+bwd, B=1 H={H} Hkv={HKV} d={D} fp32; "
+    print(f"machine: {os.cpu_count()} CPU threads; causal attention layer fwd+bwd, B=1 H={H} Hkv={HKV} d={D} fp32; "
           f"peak RSS above baseline, max over ranks")
     print(f"{'T':>7} {'P':>2} {'strategy':>9} {'time s':>8} {'peak MiB/rank':>14} {'x P=1':>6} {'comm MiB/rank':>14}")
     rows = []
