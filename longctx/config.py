@@ -56,6 +56,9 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # Landmark attention (mixer `landmark`): a landmark token follows every landmark_block
+    # regular tokens; the data pipeline inserts them when a layer uses the mixer.
+    landmark_block: int = 64
 
 
 @dataclass
@@ -328,6 +331,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}: use a divisor of n_heads "
           f"({[h for h in range(1, m.n_heads + 1) if m.n_heads % h == 0]})")
     _need(len(m.mixers) >= 1, "model.mixers is empty: give a pattern such as [softmax]")
+    _need(m.landmark_block >= 1, f"model.landmark_block={m.landmark_block} must be >= 1 (regular tokens per landmark)")
     from longctx.model.mixers import MIXERS  # local: the registry imports model code
     for name in m.mixers:
         _need(name in MIXERS, f"model.mixers: unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
@@ -347,6 +351,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             from longctx.parallel.ulysses import check_heads
             why = check_heads(m.n_heads, kv, ulysses, p.sp)
             _need(why is None, f"parallel.sp_ulysses={ulysses}: {why}")
+        _need(ring == 1 or not any(n == "landmark" for n in m.mixers),
+              f"parallel.sp_ring={ring}: landmark attention runs under Ulysses only; set parallel.sp_ring=1 "
+              f"(sp_ulysses={p.sp})")
         if p.layout == "zigzag":
             bad = sorted({n for n in m.mixers if "zigzag" not in sp_layouts(n)})
             _need(not bad, f"parallel.layout=zigzag: mixer(s) {', '.join(bad)} need the contiguous layout "

@@ -32,6 +32,7 @@ def build_mixer(name: str, cfg, layer_idx: int):
 # Importing the modules registers their mixers.
 from longctx.model import lightning as _lightning  # noqa: E402,F401
 from longctx.model import softmax as _softmax  # noqa: E402,F401
+from longctx.model import landmark as _landmark  # noqa: E402,F401
 
 
 def sp_capable(name: str) -> bool:

@@ -67,6 +67,22 @@ def gather_meta(sp: SPHandle, positions_L: Tensor, doc_BL: Optional[Tensor]) -> 
     return pos, doc
 
 
+def ulysses_apply(q: Tensor, k: Tensor, v: Tensor, sp: SPHandle, fn) -> Tensor:
+    """Run fn(q, k, v) -> o on whole sequences for this rank's heads (Ulysses over the whole
+    SP group), for attention that needs every position in order (landmark attention)."""
+    H = q.shape[1]
+    why = check_heads(H, k.shape[1], sp.ulysses, sp.size)
+    if why:
+        raise ValueError(why)
+    if sp.ring != 1:
+        raise ValueError(f"this attention runs under Ulysses only (got a ring of {sp.ring}): set parallel.sp_ring=1")
+    g, U = sp.ulysses_group, sp.ulysses
+    q = SeqToHeads.apply(q, g, "ulysses")
+    k = SeqToHeads.apply(_kv_for_ranks(k, H, U), g, "ulysses")
+    v = SeqToHeads.apply(_kv_for_ranks(v, H, U), g, "ulysses")
+    return HeadsToSeq.apply(fn(q, k, v), g, "ulysses")
+
+
 def sp_attention(q: Tensor, k: Tensor, v: Tensor, sp: SPHandle, positions_L: Tensor, doc_BL: Optional[Tensor] = None,
                  causal: bool = True, scale: Optional[float] = None, window: Optional[int] = None,
                  meta: Optional[Tuple[Tensor, Optional[Tensor]]] = None, backend: str = "auto") -> Tensor:

@@ -585,8 +585,14 @@ class _StepSampler:
     """Shared indexing and state for samplers that are pure functions of (seed, step)."""
 
     def __init__(self, seq_len: int, micro_batch_size: int, seed: int, dp_rank: int,
-                 dp_size: int, sp_rank: int, sp_size: int, layout: str = "contiguous", ulysses: int = 1):
+                 dp_size: int, sp_rank: int, sp_size: int, layout: str = "contiguous", ulysses: int = 1,
+                 landmark_block: int = 0, landmark_id: int = -1):
         _check_positive("seq_len", seq_len)
+        if landmark_block < 0 or (landmark_block and landmark_id < 0):
+            raise ValueError(f"landmark_block={landmark_block}, landmark_id={landmark_id}: use a block >= 1 and "
+                             f"the tokenizer's landmark id (or block 0 for no landmarks)")
+        # Landmark layout: a landmark at every position p with p % (block + 1) == block.
+        self.landmark_block, self.landmark_id = landmark_block, landmark_id
         _check_positive("micro_batch_size", micro_batch_size)
         _check_rank("dp", dp_rank, dp_size)
         _check_rank("sp", sp_rank, sp_size)
@@ -597,6 +603,12 @@ class _StepSampler:
         self.ranges = shard_ranges(seq_len, sp_size, sp_rank, layout, ulysses)
         self.shard_len = sum(b - a for a, b in self.ranges)
         self.consumed_steps = 0
+
+    @property
+    def regular_len(self) -> int:
+        """Regular (non-landmark) tokens among the seq_len positions of a window."""
+        W = self.landmark_block + 1
+        return self.seq_len - self.seq_len // W if self.landmark_block else self.seq_len
 
     def global_indices(self, step: int, micro: int = 0, grad_accum: int = 1) -> List[int]:
         """Global sample indices g of this dp rank's micro-batch (micro_batch_size,)."""
@@ -635,11 +647,12 @@ class PackedSampler(_StepSampler):
 
     def __init__(self, token_file, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
-                 layout: str = "contiguous", ulysses: int = 1):
-        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses)
+                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0, landmark_id: int = -1):
+        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses,
+                         landmark_block, landmark_id)
         self.token_file = TokenFile(token_file) if isinstance(token_file, str) else token_file
         n = self.token_file.n_tokens
-        self.n_windows = (n - 1) // seq_len
+        self.n_windows = (n - 1) // self.regular_len
         if self.n_windows < 1:
             raise ValueError(f"seq_len={seq_len} needs at least seq_len + 1 = {seq_len + 1} tokens "
                              f"but the token file has n_tokens={n}: use a shorter seq_len or "
@@ -662,9 +675,38 @@ class PackedSampler(_StepSampler):
             out.append(int(self._permutation(epoch)[idx]))
         return out
 
+    def _sample_landmark(self, window: int) -> Tuple[np.ndarray, ...]:
+        """As _sample, with landmark tokens inserted: position p holds the landmark id when
+        p % (block + 1) == block, else regular token r(p) = p - p // (block + 1) of the window.
+        Landmarks are ordinary targets (the token before one predicts it); a landmark's
+        document is its block's. Reads only the regular tokens this rank's pieces need."""
+        T, W, tf = self.seq_len, self.landmark_block + 1, self.token_file
+        start = window * self.regular_len
+        pos = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.ranges])
+        nxt = pos + 1
+        r_pos, r_nxt = pos - pos // W, nxt - nxt // W
+        lo = int(np.minimum(r_pos, r_nxt).min())
+        hi = int(min(np.maximum(r_pos, r_nxt).max(), self.regular_len)) + 1
+        toks = tf.read(start + lo, start + hi).astype(np.int64)
+
+        def at(p, r):
+            reg = toks[np.clip(r - lo, 0, len(toks) - 1)]
+            return np.where(p % W == self.landmark_block, self.landmark_id, reg)
+
+        real = pos < T
+        ids = np.where(real, at(pos, r_pos), tf.eos_id)
+        labels = np.where(real, at(nxt, r_nxt), IGNORE_INDEX)
+        d0 = tf.doc_index(np.int64(start))
+        r_doc = np.clip(np.where(pos % W == self.landmark_block, r_pos - 1, r_pos), 0, self.regular_len - 1)
+        doc = tf.doc_index(start + r_doc) - d0
+        doc = np.where(real, doc, tf.doc_index(np.int64(start + self.regular_len - 1)) - d0 + 1)
+        return ids, labels, pos, doc
+
     def _sample(self, window: int) -> Tuple[np.ndarray, ...]:
         """(input_ids, labels, positions, doc_ids), each int64 (shard_len,), for one window:
         this rank's pieces only (reads nothing else), padding past seq_len as sharding.py says."""
+        if self.landmark_block:
+            return self._sample_landmark(window)
         T, start = self.seq_len, window * self.seq_len
         tf = self.token_file
         ids, labels, pos = [], [], []
@@ -703,21 +745,30 @@ class PasskeySampler(_StepSampler):
 
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
-                 layout: str = "contiguous", ulysses: int = 1):
-        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses)
+                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0, landmark_id: int = -1):
+        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses,
+                         landmark_block, landmark_id)
         self.tokenizer = _as_tokenizer(tokenizer)
 
     def sample(self, g: int) -> dict:
         """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth."""
         rng = np.random.default_rng([self.seed, g])
         depth = float(rng.uniform(0.0, 1.0))
-        s = passkey_sample(self.tokenizer, rng, self.seq_len + 1, depth)
-        ids = np.full(self.seq_len + 1, self.tokenizer.pad_id, dtype=np.int64)
+        n = self.regular_len
+        s = passkey_sample(self.tokenizer, rng, n + 1, depth)
+        ids = np.full(n + 1, self.tokenizer.pad_id, dtype=np.int64)
         n_p, n_a = s["prompt_ids"].size, s["answer_ids"].size
         ids[:n_p], ids[n_p:n_p + n_a] = s["prompt_ids"], s["answer_ids"]
-        labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
-        # Position t predicts ids[t + 1]; the answer occupies ids[n_p : n_p + n_a].
-        labels[n_p - 1:n_p - 1 + n_a] = ids[n_p:n_p + n_a]
+        target = np.zeros(n + 1, dtype=bool)
+        target[n_p:n_p + n_a] = True  # only the answer is learnt
+        if self.landmark_block:  # insert landmarks; they are never targets here
+            W = self.landmark_block + 1
+            p = np.arange(self.seq_len + 1)
+            is_lm = p % W == self.landmark_block
+            r = np.minimum(p - p // W, n)
+            ids, target = np.where(is_lm, self.landmark_id, ids[r]), np.where(is_lm, False, target[r])
+        # Position t predicts ids[t + 1]
+        labels = np.where(target[1:], ids[1:], IGNORE_INDEX)
         return {"input_ids": ids[:-1], "labels": labels, "passkey": s["passkey"], "depth": depth}
 
     def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
@@ -733,7 +784,7 @@ class PasskeySampler(_StepSampler):
 
 
 def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
-                 layout: str = "contiguous", ulysses: int = 1):
+                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0):
     """Build the sampler for `data_cfg.kind`; returns (sampler, vocab_size_needed).
 
     `tokenizer` may be None, in which case data_cfg.tokenizer is loaded. layout / ulysses: how
@@ -741,7 +792,8 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
     """
     tok = load_tokenizer(data_cfg.tokenizer) if tokenizer is None else _as_tokenizer(tokenizer)
     common = dict(seq_len=data_cfg.seq_len, micro_batch_size=data_cfg.micro_batch_size,
-                  seed=data_cfg.seed, dp_rank=dp_rank, dp_size=dp_size, layout=layout, ulysses=ulysses)
+                  seed=data_cfg.seed, dp_rank=dp_rank, dp_size=dp_size, layout=layout, ulysses=ulysses,
+                  landmark_block=landmark_block, landmark_id=tok.landmark_id if landmark_block else -1)
     kind = data_cfg.kind
     if kind == "tokens":
         if not data_cfg.path:

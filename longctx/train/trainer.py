@@ -214,8 +214,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         _check_resume_compatible(ckpt.read_meta(resume_folder), cfg, world, resume_folder)
 
     # Data: each rank reads only its own samples (and its own sequence shard).
+    landmark_block = cfg.model.landmark_block if "landmark" in cfg.model.mixers else 0  # data inserts landmarks
     sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp,
-                                         layout, ulysses)
+                                         layout, ulysses, landmark_block)
     if vocab_needed > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({vocab_needed} ids): set model.vocab_size >= {vocab_needed}")

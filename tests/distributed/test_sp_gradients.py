@@ -44,3 +44,17 @@ def test_sp_gradients_equal_sp1_per_zero_stage(reference, world, extra, stage):
     for n in ref:
         rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
         assert rel < 1e-5, f"ZeRO-{stage} {extra}: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
+
+
+LANDMARK = ["model.mixers=[landmark,softmax]", "model.landmark_block=7"]
+
+
+def test_landmark_sp_gradients_equal_sp1(reference):
+    """Landmark layers (grouped softmax, landmarks inserted by the data pipeline) under Ulysses
+    SP=2 with ZeRO-2: every gradient equals one process's."""
+    tmp, _ = reference
+    ref = grads(tmp, "lm_sp1", "python", 1, [*LANDMARK, "deepspeed.zero_stage=0"])
+    got = grads(tmp, "lm_sp2", "torchrun", 2, [*LANDMARK, "parallel.sp=2", "deepspeed.zero_stage=2"])
+    for n in ref:
+        rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
+        assert rel < 1e-5, f"landmark SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"

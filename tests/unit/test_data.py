@@ -409,3 +409,44 @@ def test_make_sampler_kinds(tmp_path, monkeypatch, corpus):
     assert isinstance(s, D.PasskeySampler)
     with pytest.raises(ValueError, match="data.kind='bogus'"):
         D.make_sampler(_cfg(kind="bogus"), TOK, 0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("P, layout", [(1, "contiguous"), (3, "contiguous"), (2, "zigzag")])
+def test_packed_sampler_inserts_landmarks(corpus, P, layout):
+    """Landmark layout: position p holds the landmark id when p % (block + 1) == block, the
+    window's regular tokens in order elsewhere; labels are the next position's token (landmarks
+    included); shards reassemble to the unsharded batch."""
+    prefix, _ = corpus
+    block, T = 3, 18
+    full = _sampler(prefix, seq_len=T, landmark_block=block, landmark_id=TOK.landmark_id).batch(1)
+    ids, labels = full["input_ids"].numpy(), full["labels"].numpy()
+    is_lm = np.arange(T) % (block + 1) == block
+    assert (ids[:, is_lm] == TOK.landmark_id).all() and not (ids[:, ~is_lm] == TOK.landmark_id).any()
+    assert (labels[:, :-1] == ids[:, 1:]).all()
+    s = _sampler(prefix, seq_len=T, landmark_block=block, landmark_id=TOK.landmark_id)
+    tf = s.token_file
+    for row, w in enumerate(s.windows(1)):
+        regular = tf.read(w * s.regular_len, w * s.regular_len + s.regular_len + 1)
+        assert np.array_equal(ids[row, ~is_lm], regular[:s.regular_len])
+        assert labels[row, -1] == (TOK.landmark_id if (T % (block + 1)) == block else regular[s.regular_len])
+    shards = [_sampler(prefix, seq_len=T, landmark_block=block, landmark_id=TOK.landmark_id, sp_rank=r, sp_size=P,
+                       layout=layout).batch(1) for r in range(P)]
+    for sh in shards:
+        pos = sh["positions"][0]
+        real = pos < T
+        for k in KEYS:
+            assert torch.equal(sh[k][:, real], full[k][:, pos[real]]), k
+
+
+def test_passkey_sampler_with_landmarks():
+    block = 7
+    s = D.PasskeySampler(TOK, seq_len=400, micro_batch_size=2, seed=3, landmark_block=block,
+                         landmark_id=TOK.landmark_id)
+    b = s.batch(0)
+    ids, labels = b["input_ids"].numpy(), b["labels"].numpy()
+    is_lm = np.arange(400) % (block + 1) == block
+    assert (ids[:, is_lm] == TOK.landmark_id).all()
+    for row in range(2):
+        text = TOK.decode(ids[row][~is_lm])
+        ans = TOK.decode(labels[row][labels[row] != -100])
+        assert ans.strip().isdigit() and f"The pass key is {ans.strip()}." in text
