@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+import math
+from typing import List, Optional
+
+import numpy as np
 from longctx.kernels.landmark_torch import landmark_attn
 from longctx.model.mixers import register_mixer
 from longctx.model.rope import apply_rope
@@ -24,6 +28,7 @@ class LandmarkAttention(SoftmaxAttention):
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
         self.block = cfg.landmark_block
+        self.layer_idx = layer_idx
 
     def forward(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
         B, L, _ = x_BLD.shape
@@ -33,9 +38,235 @@ class LandmarkAttention(SoftmaxAttention):
         cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = lambda q_, k_, v_: landmark_attn(q_, k_, v_, self.block)  # noqa: E731
+        if ctx.carry and ctx.state.get("landmark_retrieval"):
+            return self._retrieve(x_BLD, ctx)
         if ctx.sp is not None and ctx.sp.size > 1:
             from longctx.parallel.ulysses import ulysses_apply
             o = ulysses_apply(q, k, v, ctx.sp, attn)
         else:
             o = attn(q, k, v)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+    def _retrieve(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
+        """Streaming inference: ctx.state["landmark_retrieval"] = dict(top_k=, compressed_positions=,
+        offload=) turns it on; this layer's cache lives in ctx.state."""
+        if ctx.sp is not None and ctx.sp.size > 1:
+            raise ValueError("landmark retrieval inference runs on one rank: pass ctx.sp=None")
+        key = f"landmark_cache_{self.layer_idx}"
+        if key not in ctx.state:
+            ctx.state[key] = LandmarkCache(self.block, **ctx.state["landmark_retrieval"])
+        cache = ctx.state[key]
+        if int(ctx.positions[0, 0]) != cache.next_pos:
+            raise ValueError(f"landmark cache of layer {self.layer_idx} expects position {cache.next_pos} next, "
+                             f"got {int(ctx.positions[0, 0])}: feed the stream in order from a fresh ctx.state")
+        return retrieval_forward(self, x_BLD, cache)
+
+
+# -- inference with retrieval ----------------------------------------------------------------
+class LandmarkCache:
+    """One layer's memory for streaming inference (the paper's retrieval).
+
+    Completed groups: their landmark keys stay on the compute device (one vector per KV head:
+    what top-k selection reads); their block keys and values live on `store` (host memory
+    with offload) and only the k retrieved blocks per head travel to the device. The current,
+    unfinished group's keys and values are kept whole. Keys are kept before RoPE, so retrieved
+    blocks can be given compressed positions."""
+
+    def __init__(self, block: int, top_k: int, compressed_positions: bool = True, offload: bool = False):
+        if top_k < 1:
+            raise ValueError(f"landmark retrieval top_k={top_k}: use k >= 1 (the paper uses 4-5)")
+        self.block, self.top_k, self.compressed, self.offload = block, top_k, compressed_positions, offload
+        self.lm_k: List[torch.Tensor] = []  # (B, Hkv, D) per completed group
+        self.blk_k: List[torch.Tensor] = []  # (B, Hkv, block, D) per completed group, on the store
+        self.blk_v: List[torch.Tensor] = []
+        self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
+        self.cur_v: Optional[torch.Tensor] = None
+        self.next_pos = 0
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.lm_k)
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """(B, Hkv, groups, block, D) of the completed groups' keys or values (kept until the
+        next group completes)."""
+        key = (name, self.n_groups)
+        if getattr(self, "_stack_key", {}).get(name) != key:
+            self._stack_key = {**getattr(self, "_stack_key", {}), name: key}
+            setattr(self, "_stack_" + name, torch.stack(getattr(self, name), 2))
+        return getattr(self, "_stack_" + name)
+
+    def store(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to("cpu") if self.offload else x
+
+
+def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor) -> torch.Tensor:
+    """RoPE of x at positions pos_L (L,), with the mixer's own rotary settings."""
+    from longctx.model.transformer import SeqContext
+    c = SeqContext(positions=pos_L.to(x_BHLD.device)[None])
+    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x_BHLD.dtype, *mixer_rope_args(mixer))
+    return apply_rope(x_BHLD, cos, sin)
+
+
+def mixer_rope_args(mixer) -> tuple:
+    """Extra arguments SeqContext.rope takes for this mixer (its scaling, when configured)."""
+    return (mixer.rope_scaling,) if hasattr(mixer, "rope_scaling") else ()
+
+
+def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: LandmarkCache) -> torch.Tensor:
+    """Attention for n new tokens (all in one group, positions cache.next_pos...) against the
+    open group and the top-k completed groups per head, with the grouped softmax."""
+    B, n, _ = x_BLD.shape
+    W, blk = mixer.block + 1, mixer.block
+    p0 = cache.next_pos
+    pos = torch.arange(p0, p0 + n)
+    if pos[0] // W != pos[-1] // W:
+        raise ValueError(f"retrieval chunk at positions {p0}..{p0 + n - 1} crosses a group boundary "
+                         f"(groups of {W}): feed at most one group per call")
+    H, Hkv, D = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+    G = H // Hkv
+    q = mixer.q_proj(x_BLD).view(B, n, H, D).transpose(1, 2)
+    k = mixer.k_proj(x_BLD).view(B, n, Hkv, D).transpose(1, 2)
+    v = mixer.v_proj(x_BLD).view(B, n, Hkv, D).transpose(1, 2)
+    is_lm = (pos % W) == blk
+    reg = ~is_lm
+    loc_k = k[:, :, reg] if cache.cur_k is None else torch.cat([cache.cur_k, k[:, :, reg]], 2)
+    loc_v = v[:, :, reg] if cache.cur_v is None else torch.cat([cache.cur_v, v[:, :, reg]], 2)
+    g0 = (p0 // W) * W
+    loc_pos = g0 + torch.arange(loc_k.shape[2])  # regular positions of the open group
+    n_sel = min(cache.top_k, cache.n_groups)
+    base = n_sel * W if cache.compressed else g0  # where the open group sits
+    q_pos = pos - g0 + base
+    qr = _rope_at(mixer, q, q_pos)
+    kl = _rope_at(mixer, loc_k, loc_pos - g0 + base)
+    scale = 1.0 / math.sqrt(D)
+    qg = qr.view(B, Hkv, G, n, D)
+    s_loc = torch.einsum("bhgqd,bhkd->bhgqk", qg, kl) * scale  # (B, Hkv, G, n, Lc)
+    s_loc = s_loc.masked_fill(loc_pos[None, :].to(q.device) > pos[:, None].to(q.device), -math.inf)
+    out = None
+    if n_sel:
+        lmk = torch.stack(cache.lm_k, 2)  # (B, Hkv, Gr, D)
+        Gr = lmk.shape[2]
+        if cache.compressed:  # select by content: every landmark scored at one relative distance
+            lm_sel_pos = torch.full((Gr,), base - 1)
+        else:
+            lm_sel_pos = torch.arange(Gr) * W + blk
+        s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk, lm_sel_pos)).amax(3)  # (B,Hkv,G,Gr)
+        idx = s_sel.topk(n_sel, dim=-1).indices.sort(-1).values  # (B, Hkv, G, k), in original order
+        bi = torch.arange(B)[:, None, None, None]
+        hi = torch.arange(Hkv)[None, :, None, None]
+        sidx = idx.to(cache.stacked("blk_k").device)
+        rk = cache.stacked("blk_k")[bi, hi, sidx].to(q.device)  # (B, Hkv, G, k, blk, D): only k blocks move
+        rv = cache.stacked("blk_v")[bi, hi, sidx].to(q.device)
+        rl = lmk[bi, hi, idx.to(lmk.device)]  # (B, Hkv, G, k, D)
+        gpos = torch.arange(n_sel)
+        if cache.compressed:
+            tok_pos = gpos[:, None] * W + torch.arange(blk)[None]  # (k, blk)
+            rk = _rope_at(mixer, rk.flatten(3, 4).flatten(1, 2), tok_pos.reshape(-1)).view(B, Hkv, G, n_sel, blk, D)
+            rl = _rope_at(mixer, rl.flatten(1, 2), gpos * W + blk).view(B, Hkv, G, n_sel, D)
+        else:  # original positions: each head's own groups
+            tok_pos = idx[..., None] * W + torch.arange(blk)  # (B, Hkv, G, k, blk)
+            rk = _rope_rows(mixer, rk, tok_pos)
+            rl = _rope_rows(mixer, rl[..., None, :], idx[..., None] * W + blk)[..., 0, :]
+        s_blk = torch.einsum("bhgqd,bhgcjd->bhgqcj", qg, rk) * scale  # (B, Hkv, G, n, k, blk)
+        s_lm = torch.einsum("bhgqd,bhgcd->bhgqc", qg, rl) * scale  # (B, Hkv, G, n, k)
+        logZ = torch.logsumexp(torch.cat([s_loc, s_lm], -1), -1, keepdim=True)  # (B, Hkv, G, n, 1)
+        within = torch.softmax(s_blk, -1)
+        w_blk = torch.exp(s_lm - logZ)[..., None] * within
+        out = torch.einsum("bhgqcj,bhgcjd->bhgqd", w_blk, rv)
+    else:
+        logZ = torch.logsumexp(s_loc, -1, keepdim=True)
+    p_loc = torch.exp(s_loc - logZ)
+    o_loc = torch.einsum("bhgqk,bhkd->bhgqd", p_loc, loc_v)
+    o = o_loc if out is None else o_loc + out
+    # the open group grows; a landmark closes it
+    if bool(is_lm[-1]):
+        cache.lm_k.append(k[:, :, -1].detach())
+        cache.blk_k.append(cache.store(loc_k.detach()))
+        cache.blk_v.append(cache.store(loc_v.detach()))
+        cache.cur_k = cache.cur_v = None
+    else:
+        cache.cur_k, cache.cur_v = loc_k.detach(), loc_v.detach()
+    cache.next_pos = p0 + n
+    return mixer.o_proj(o.view(B, H, n, D).transpose(1, 2).reshape(B, n, H * D))
+
+
+def _rope_rows(mixer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """RoPE with a position per element: x (..., m, D), pos (..., m)."""
+    from longctx.model.transformer import SeqContext
+    flat = pos.reshape(-1)
+    c = SeqContext(positions=flat.to(x.device)[None])
+    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x.dtype, *mixer_rope_args(mixer))
+    cos, sin = cos[0, 0].view(*pos.shape, -1), sin[0, 0].view(*pos.shape, -1)
+    return apply_rope(x, cos, sin)
+
+
+def insert_landmarks(ids: np.ndarray, block: int, landmark_id: int, start: int = 0) -> np.ndarray:
+    """Regular token ids -> the landmark layout (a landmark after every `block` regular tokens),
+    for a stream whose first token sits at position `start` (a group boundary or not)."""
+    W = block + 1
+    out: List[int] = []
+    p = start
+    for t in np.asarray(ids, dtype=np.int64).tolist():
+        if p % W == block:
+            out.append(landmark_id)
+            p += 1
+        out.append(t)
+        p += 1
+    return np.asarray(out, dtype=np.int64)
+
+
+class RetrievalStream:
+    """Streams a landmark model over an arbitrarily long input, one group at a time, keeping
+    per layer only landmark keys on the device and the k retrieved blocks per head (plus the
+    open group) in the attention. Every attention layer must be `landmark`; recurrent mixers
+    (lightning) carry their state."""
+
+    def __init__(self, model, block: int, landmark_id: int, top_k: int = 4, compressed_positions: bool = True,
+                 offload: bool = False):
+        from longctx.model.transformer import SeqContext  # noqa: F401 (import check)
+        bad = sorted({type(l.mixer).__name__ for l in model.layers
+                      if not isinstance(l.mixer, LandmarkAttention) and not getattr(l.mixer, "carries_state", False)})
+        if bad:
+            raise ValueError(f"landmark retrieval streams every layer: {', '.join(bad)} cannot carry state "
+                             f"(use landmark attention in every attention layer)")
+        self.model, self.block, self.landmark_id = model.eval(), block, landmark_id
+        self.state = {"landmark_retrieval": dict(top_k=top_k, compressed_positions=compressed_positions,
+                                                 offload=offload)}
+        self.pos = 0
+        self.last_hidden: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def feed(self, stream_ids: np.ndarray) -> torch.Tensor:
+        """Feed ids already in the landmark layout (continuing at self.pos); returns the final
+        hidden states (1, n, D) of the fed tokens."""
+        from longctx.model.transformer import SeqContext
+        W = self.block + 1
+        ids = torch.as_tensor(np.asarray(stream_ids, dtype=np.int64))
+        outs, a = [], 0
+        while a < len(ids):
+            b = min(len(ids), a + W - (self.pos % W))  # up to the end of the open group
+            ctx = SeqContext(positions=torch.arange(self.pos, self.pos + b - a)[None], state=self.state, carry=True)
+            outs.append(self.model.hidden(ids[a:b][None], ctx))
+            self.pos += b - a
+            a = b
+        h = torch.cat(outs, 1)
+        self.last_hidden = h[:, -1]
+        return h
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: Optional[int] = None) -> List[int]:
+        """Greedy continuation of regular prompt ids (landmarks inserted on the way)."""
+        self.feed(insert_landmarks(prompt_ids, self.block, self.landmark_id, self.pos))
+        W, out = self.block + 1, []
+        if self.pos % W == self.block:  # the prompt filled a group: its landmark comes next
+            self.feed(np.asarray([self.landmark_id]))
+        for _ in range(max_new_tokens):
+            logits = torch.nn.functional.linear(self.last_hidden[0], self.model.head_weight)
+            t = int(logits.argmax())
+            if eos_id is not None and t == eos_id:
+                break
+            out.append(t)
+            nxt = [t] + ([self.landmark_id] if (self.pos + 1) % W == self.block else [])
+            self.feed(np.asarray(nxt))
+        return out

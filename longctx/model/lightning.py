@@ -42,6 +42,7 @@ def tnl_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
 @register_mixer("lightning")
 class LightningAttention(nn.Module):
     supports_sp = True  # by state passing: see parallel/state_passing.py
+    carries_state = True  # ctx.carry streams segments (landmark retrieval inference relies on it)
 
     @staticmethod
     def mixer_fwd_flops(cfg, seq_len: int, chunk: int = 64):
