@@ -51,6 +51,23 @@ def _visible(qp: Tensor, kp: Tensor, causal: bool, window: Optional[int]) -> boo
     return True
 
 
+def online_softmax_step(m: Tensor, l: Tensor, acc: Tensor, s: Tensor, v: Tensor):
+    """One key tile of the running softmax: s (..., bq, bk) scores (-inf = masked), v (B, Hkv,
+    bk, Dv); m, l (..., bq) running max and sum, acc (..., bq, Dv). Returns the new (m, l, acc)."""
+    m_new = torch.maximum(m, s.amax(-1))
+    safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+    p = torch.exp(s - safe[..., None])
+    corr = torch.exp(m - safe)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, v)
+
+
+def online_softmax_finish(m: Tensor, l: Tensor, acc: Tensor):
+    """(o, lse) of a finished running softmax; rows that saw no key: o = 0, lse = -inf."""
+    empty = l == 0
+    o = torch.where(empty[..., None], torch.zeros_like(acc), acc / l.clamp_min(1e-300)[..., None])
+    return o, torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l.clamp_min(1e-300)))
+
+
 def _blocks(T: int, b: int):
     return [(s, min(T, s + b)) for s in range(0, T, b)]
 
@@ -81,16 +98,8 @@ def flash_fwd_torch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                               None if k_doc is None else k_doc[:, ks:ke], causal, window)
             if mask is not None:
                 s = s.masked_fill(~mask, -math.inf)
-            m_new = torch.maximum(m, s.amax(-1))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
-            p = torch.exp(s - safe[..., None])
-            corr = torch.exp(m - safe)
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, ks:ke].to(cdt))
-            m = m_new
-        empty = l == 0
-        o[:, :, :, qs:qe] = torch.where(empty[..., None], torch.zeros_like(acc), acc / l.clamp_min(1e-300)[..., None])
-        lse[:, :, :, qs:qe] = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l.clamp_min(1e-300)))
+            m, l, acc = online_softmax_step(m, l, acc, s, v[:, :, ks:ke].to(cdt))
+        o[:, :, :, qs:qe], lse[:, :, :, qs:qe] = online_softmax_finish(m, l, acc)
     return o.view(B, H, Tq, Dv).to(q.dtype), lse.view(B, H, Tq)
 
 

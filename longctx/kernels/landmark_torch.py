@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from longctx.kernels.flash_torch import online_softmax_finish, online_softmax_step
+
 Tensor = torch.Tensor
 
 
@@ -109,16 +111,8 @@ def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float
                 break
             s_mod, _, _ = _tile_scores(qt, k[:, :, ks:ke].to(cdt), qp, ks, ke, block, scale)
             s_mod = s_mod.flatten(-2)  # (B, Hkv, G, bq, ng*block)
-            m_new = torch.maximum(m, s_mod.amax(-1))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s_mod - safe[..., None])
-            corr = torch.exp(m - safe)
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, _vt(v, ks, ke, block, cdt).flatten(2, 3))
-            m = m_new
-        empty = l == 0
-        o[:, :, :, qs:qe] = torch.where(empty[..., None], torch.zeros_like(acc), acc / l.clamp_min(1e-300)[..., None])
-        lse[:, :, :, qs:qe] = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l.clamp_min(1e-300)))
+            m, l, acc = online_softmax_step(m, l, acc, s_mod, _vt(v, ks, ke, block, cdt).flatten(2, 3))
+        o[:, :, :, qs:qe], lse[:, :, :, qs:qe] = online_softmax_finish(m, l, acc)
     return o.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)
 
 
