@@ -55,12 +55,14 @@ def cmd_eval(args) -> int:
     from longctx.eval.tasks import check_task
     task = check_task(args.task)
     lengths = parse_lengths(args.lengths)
+    if bool(args.hf) == bool(args.checkpoint):
+        raise ValueError("give one of --checkpoint DIR (a run folder, its checkpoints/ folder or a step_N folder) "
+                         "or --hf DIR (a Hugging Face model folder)")
+    from longctx.eval.lm import load_eval_model, load_hf_eval_model
     if args.hf:
-        raise ValueError("--hf: Hugging Face import arrives with issue 8; evaluate a longctx run with --checkpoint")
-    if not args.checkpoint:
-        raise ValueError("--checkpoint DIR is required (a run folder, its checkpoints/ folder or a step_N folder)")
-    from longctx.eval.lm import load_eval_model
-    model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides)
+        model, tok, cfg, name = load_hf_eval_model(args.hf, args.overrides)
+    else:
+        model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides)
     lead = _rank() == 0
     out = args.out or f"eval_{task}_{name.replace('@', '_').replace('/', '_')}.json"
     if task == "ppl":
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="long-context evaluation: passkey | niah | ppl (JSON + PNG; resumes)")
     e.add_argument("task", help="passkey, niah or ppl")
     e.add_argument("--checkpoint", help="run folder, its checkpoints/ folder or a step_N folder")
-    e.add_argument("--hf", help="a Hugging Face model folder (with issue 8)")
+    e.add_argument("--hf", help="a Hugging Face model folder (config.json + safetensors; Llama, Mistral, Qwen2)")
     e.add_argument("--lengths", default="1k,4k", help="context lengths, e.g. 1k,4k,16k")
     e.add_argument("--depths", default="0:1:0.25", help="needle depths: start:stop:step or a list")
     e.add_argument("--trials", type=int, default=10, help="trials per (length, depth)")

@@ -37,6 +37,25 @@ class MemoryConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE context extension, keys as in transformers' `rope_scaling` (see model/rope.py).
+    rope_type: default (plain RoPE; raise model.rope_theta for base/"ABF" scaling) | linear (PI)
+    | dynamic (NTK, base raised for the current length) | yarn | llama3."""
+    rope_type: str = "default"
+    factor: float = 1.0
+    # The length the model was trained at (L0); None means model.max_seq_len / factor.
+    original_max_position_embeddings: Optional[int] = None
+    low_freq_factor: float = 1.0      # llama3
+    high_freq_factor: float = 4.0     # llama3
+    beta_fast: float = 32.0           # yarn: ramp ends (rotations over L0)
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # yarn: None means 0.1 ln(factor) + 1
+    mscale: Optional[float] = None            # yarn (DeepSeek form), with mscale_all_dim
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True                     # yarn: round the ramp ends to whole dimensions
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 320
     d_model: int = 256
@@ -49,7 +68,11 @@ class ModelConfig:
     # Repeating per-layer pattern of mixer names (see longctx.model.mixers.MIXERS).
     mixers: List[str] = field(default_factory=lambda: ["softmax"])
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     max_seq_len: int = 4096
+    # Mistral-style sliding-window attention is not implemented: an imported model's window is
+    # kept here so that lengths beyond it are refused (up to it, full causal attention is exact).
+    sliding_window: Optional[int] = None
     tie_embeddings: bool = False
     attn_bias: bool = False
     norm_eps: float = 1e-5
@@ -139,8 +162,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class InitConfig:
+    # A Hugging Face model folder (config.json + safetensors): training starts from its weights
+    # (model.* must describe the same shapes; `longctx.model.hf.model_config` derives them).
+    from_hf: Optional[str] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,6 +186,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "model.rope_scaling.rope_type": ("default", "linear", "dynamic", "yarn", "llama3"),
 }
 
 
@@ -336,6 +368,11 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     for name in m.mixers:
         _need(name in MIXERS, f"model.mixers: unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
     validate_memory(m)
+    validate_rope_scaling(m)
+    _need(m.sliding_window is None or m.max_seq_len <= m.sliding_window,
+          f"model.max_seq_len={m.max_seq_len} exceeds model.sliding_window={m.sliding_window}: sliding-window "
+          f"attention is not implemented (full causal attention equals it only up to the window); set "
+          f"model.max_seq_len <= {m.sliding_window}")
     _need(d.seq_len <= m.max_seq_len,
           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or lower data.seq_len")
     if d.kind == "tokens":
@@ -383,6 +420,25 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
     _need(not ds.offload_param or ds.zero_stage == 3,
           f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+
+
+def validate_rope_scaling(m) -> None:
+    """model.rope_scaling: a factor >= 1 for scaling types; llama3 / yarn ranges well ordered."""
+    r = m.rope_scaling
+    if r.rope_type == "default":
+        return
+    _need(r.factor >= 1.0, f"model.rope_scaling.factor={r.factor} must be >= 1 for rope_type={r.rope_type} "
+                           f"(the ratio of the new context to the trained one)")
+    L0 = r.original_max_position_embeddings
+    _need(L0 is None or L0 >= 1, f"model.rope_scaling.original_max_position_embeddings={L0} must be >= 1 (or null)")
+    if r.rope_type == "llama3":
+        _need(0 < r.low_freq_factor < r.high_freq_factor,
+              f"model.rope_scaling low_freq_factor={r.low_freq_factor}, high_freq_factor={r.high_freq_factor}: "
+              f"need 0 < low_freq_factor < high_freq_factor (Llama 3.1 uses 1 and 4)")
+    if r.rope_type == "yarn":
+        _need(r.beta_fast > r.beta_slow > 0,
+              f"model.rope_scaling beta_fast={r.beta_fast}, beta_slow={r.beta_slow}: need beta_fast > beta_slow > 0 "
+              f"(YaRN uses 32 and 1)")
 
 
 def validate_memory(m) -> None:

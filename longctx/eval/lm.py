@@ -137,10 +137,8 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None):
     """(LMEval, tokenizer, cfg, name) for a run folder / checkpoint folder. Under a launcher
     with several processes, the processes form one sequence-parallel group (parallel.sp =
     world size) with the config's sp_ulysses / sp_ring / layout."""
-    from longctx.config import load_config, sp_degrees, sp_layout
-    from longctx.parallel.groups import build_mesh, init_distributed
+    from longctx.config import load_config
     from longctx.train import checkpoint as ckpt
-    from longctx.train.data import load_tokenizer
     folder = ckpt.resolve_folder(path)
     meta = ckpt.read_meta(folder)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -148,6 +146,41 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None):
     if world > 1 and not any(o.startswith("parallel.sp=") for o in over):
         over.append(f"parallel.sp={world}")
     cfg = load_config(base=meta["config"], overrides=over)
+
+    def weights(model):
+        missing, unexpected = model.load_state_dict(ckpt.consolidated_state_dict(folder), strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(f"{folder}: weights do not match the saved config (missing {missing[:3]}, "
+                                       f"unexpected {unexpected[:3]})")
+
+    name = f"{os.path.basename(os.path.dirname(os.path.dirname(folder))) or folder}@{os.path.basename(folder)}"
+    return _eval_model(cfg, weights, name)
+
+
+def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None):
+    """(LMEval, tokenizer, cfg, name) for a Hugging Face model folder (see model/hf.py); its
+    tokenizer.json when present, else the byte tokenizer."""
+    from longctx.config import load_config
+    from longctx.model import hf
+    mcfg = hf.model_config(hf.read_hf_config(folder), folder)
+    tok = os.path.join(folder, "tokenizer.json")
+    base = {"model": mcfg, "data": {"seq_len": min(256, mcfg["max_seq_len"]),
+                                    "tokenizer": tok if os.path.isfile(tok) else "byte"}}
+    over = list(overrides or [])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not any(o.startswith("parallel.sp=") for o in over):
+        over.append(f"parallel.sp={world}")
+    cfg = load_config(base=base, overrides=over)
+    return _eval_model(cfg, lambda model: hf.load_hf_weights(model, folder),
+                       f"hf:{os.path.basename(os.path.abspath(folder))}")
+
+
+def _eval_model(cfg, load_weights, name: str):
+    """Build the model of `cfg`, fill it with load_weights(model), set up sequence parallelism."""
+    from longctx.config import sp_degrees, sp_layout
+    from longctx.parallel.groups import build_mesh, init_distributed
+    from longctx.train.data import load_tokenizer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     sp = None
     ulysses, _ = sp_degrees(cfg.parallel)
     layout = sp_layout(cfg)
@@ -158,10 +191,6 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None):
                              f"processes (got {dist.get_world_size()})")
         sp = build_mesh(cfg.parallel.sp, ulysses).sp_handle(layout)
     model = DecoderLM(cfg.model)
-    missing, unexpected = model.load_state_dict(ckpt.consolidated_state_dict(folder), strict=False)
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"{folder}: weights do not match the saved config (missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]})")
+    load_weights(model)
     tok = load_tokenizer(cfg.data.tokenizer)
-    name = f"{os.path.basename(os.path.dirname(os.path.dirname(folder))) or folder}@{os.path.basename(folder)}"
     return LMEval(model, cfg, sp, layout, ulysses, eos_id=None), tok, cfg, name

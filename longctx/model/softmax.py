@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longctx.model.mixers import register_mixer
-from longctx.model.rope import apply_rope
+from longctx.model.rope import apply_rope, scaling_key
 from longctx.parallel.ulysses import sp_attention
 
 
@@ -26,6 +26,7 @@ class SoftmaxAttention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = scaling_key(cfg)  # hashable: a cache key
         d, hd = cfg.d_model, self.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attn_bias)
@@ -37,7 +38,7 @@ class SoftmaxAttention(nn.Module):
         q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype)
+        cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype, self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.sp is not None and ctx.sp.size > 1:
             pos, doc, meta = ctx.sp_meta()

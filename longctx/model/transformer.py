@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.model.layers import RMSNorm, SwiGLU, llama_ffn_hidden
 from longctx.model.mixers import build_mixer, layer_mixers
-from longctx.model.rope import rope_cos_sin, rope_inv_freq
+from longctx.model.rope import rope_cos_sin, rope_params
 
 
 @dataclass
@@ -37,13 +37,29 @@ class SeqContext:
     carry: bool = False
     _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def rope(self, head_dim: int, theta: float, dtype: torch.dtype):
-        """cos, sin (B, 1, L, head_dim), computed once per step and shared by all layers."""
-        key = ("rope", head_dim, float(theta), dtype)
+    def rope(self, head_dim: int, theta: float, dtype: torch.dtype, scaling: tuple = ()):
+        """cos, sin (B, 1, L, head_dim), computed once per step and shared by all layers.
+
+        scaling: `rope.scaling_key(cfg.rope_scaling)` (hashable); () is plain RoPE. YaRN's
+        attention factor multiplies cos and sin. Dynamic NTK reads the current length as the
+        largest position + 1 over the whole sequence (all SP ranks), as transformers does
+        from the position ids of one forward."""
+        key = ("rope", head_dim, float(theta), dtype, scaling)
         if key not in self._cache:
-            inv = rope_inv_freq(head_dim, theta, device=self.positions.device)
-            self._cache[key] = rope_cos_sin(self.positions, inv, dtype)
+            s = dict(scaling) if scaling else None
+            seq_len = self._global_len() if s and s.get("rope_type") == "dynamic" else None
+            inv, att = rope_params(head_dim, theta, s, seq_len, device=self.positions.device)
+            cos, sin = rope_cos_sin(self.positions, inv, torch.float32)
+            self._cache[key] = ((cos * att).to(dtype), (sin * att).to(dtype))
         return self._cache[key]
+
+    def _global_len(self) -> int:
+        """Largest global position + 1 of this step (a MAX all-reduce under sequence parallelism)."""
+        top = self.positions.max().reshape(1).to(torch.int64)
+        if self.sp is not None and self.sp.size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.sp.group)
+        return int(top.item()) + 1
 
     def sp_meta(self):
         """(positions (L,), doc ids (B, L) or None, gathered meta) for sequence-parallel

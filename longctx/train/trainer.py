@@ -223,6 +223,10 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = DecoderLM(cfg.model)
+    if cfg.init.from_hf:  # imported weights; a resumed run then loads its checkpoint over them
+        from longctx.model import hf
+        hf.check_matches(cfg.model, cfg.init.from_hf)
+        hf.load_hf_weights(model, cfg.init.from_hf)
     if cfg.model.tie_embeddings and cfg.deepspeed.zero_stage == 3:
         # the head reuses embed.weight outside the embedding's forward: tell ZeRO-3 to gather it
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
