@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from longctx.kernels.flash_torch import online_softmax_finish, online_softmax_step
+from longctx.kernels.lightning import pick_backend
 
 Tensor = torch.Tensor
 
@@ -163,25 +164,53 @@ def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
 
 class _Landmark(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block, scale, tile):
-        o, lse = landmark_fwd_torch(q, k, v, block, scale, tile)
+    def forward(ctx, q, k, v, block, scale, tile, backend):
+        if backend == "triton":
+            from longctx.kernels.landmark_triton import landmark_fwd_triton
+            o, lse = landmark_fwd_triton(q, k, v, block, scale)
+        else:
+            o, lse = landmark_fwd_torch(q, k, v, block, scale, tile)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (block, scale, tile)
+        ctx.args = (block, scale, tile, backend)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        block, scale, tile = ctx.args
-        dq, dk, dv = landmark_bwd_torch(do.contiguous(), q, k, v, o, lse, block, scale, tile)
-        return dq, dk, dv, None, None, None
+        block, scale, tile, backend = ctx.args
+        if backend == "triton":
+            from longctx.kernels.landmark_triton import landmark_bwd_triton
+            dq, dk, dv = landmark_bwd_triton(do.contiguous(), q, k, v, o, lse, block, scale)
+        else:
+            dq, dk, dv = landmark_bwd_torch(do.contiguous(), q, k, v, o, lse, block, scale, tile)
+        return dq, dk, dv, None, None, None, None
+
+
+def _backend(q: Tensor, k: Tensor, v: Tensor, block: int, backend: str) -> str:
+    """'auto': the Triton kernel for CUDA tensors it supports (float16/bfloat16/float32, block 16,
+    32, 64 or 128, head dims 16..128), the torch path otherwise. 'triton' asked by name is checked
+    here, so bad input fails before autograd with a ValueError naming what is supported."""
+    be = pick_backend(q, backend)
+    if be == "triton":
+        from longctx.kernels.landmark_triton import check_supported
+        if backend == "auto":
+            try:
+                check_supported(q, k, v, block)
+            except ValueError:
+                return "torch"
+        else:
+            check_supported(q, k, v, block)
+    return be
 
 
 def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[float] = None,
-                  tile: int = 256) -> Tensor:
+                  tile: int = 256, backend: str = "auto") -> Tensor:
     """Grouped-softmax landmark attention over a whole sequence (positions 0..T-1, a landmark
     at every position p with p % (block + 1) == block). q (B, H, T, D); k, v (B, Hkv, T, D|Dv).
-    Returns (B, H, T, Dv)."""
+    Returns (B, H, T, Dv). tile: the torch path's tile (the Triton kernel tiles by `block`).
+    backend: "auto" (the fused Triton kernel for CUDA tensors it supports, else torch), "torch",
+    or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1; float16/bfloat16/float32,
+    block 16/32/64/128, head dims 16/32/64/128; anything else is a ValueError)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name}: expected (batch, heads, seq, dim), got shape {tuple(x.shape)}")
@@ -190,8 +219,13 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
     if q.shape[1] % k.shape[1] or k.shape[2] != q.shape[2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need the same length and "
                          f"query heads a multiple of KV heads")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: batch and head dim must agree")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    be = _backend(q, k, v, block, backend)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _Landmark.apply(q, k, v, block, sc, int(tile))
+    return _Landmark.apply(q, k, v, block, sc, int(tile), be)
 
 
 def landmark_dense_reference(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float) -> Tensor:

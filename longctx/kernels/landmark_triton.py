@@ -229,7 +229,7 @@ def _dkdv_blocks(dk, dv, dkl, k, v, kl, kp, c, q_base, do_base, row_base, LSE2, 
                  PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV of group c's regular keys and dK of its landmark (dkl) from query blocks start..end-1
     of one query head; transposed tiles (keys as rows), so per-query sums run over axis 0.
-    MASK False: every row of the block is in a later group and before T."""
+    MASK False: every row of the block before T is in a later group."""
     for qb in range(start, end):
         offs_m = qb * BM + tl.arange(0, BM)
         m_ok = offs_m < T
@@ -274,11 +274,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV_, qk_scale, scale, H, G, T
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     k, v, kl, kp = _load_group(K + bkv64 * T * D, V + bkv64 * T * DV, c, T, W, offs_j, offs_d, offs_dv, D, DV, BN)
-    # query rows from c * W on see the group; rows of later groups that are all before T need no mask
+    # query rows from c * W on see the group; blocks whose rows all lie in later groups need no mask
+    # (rows past T in the last block are inert: lse2 = +inf there gives p' = 0, Delta = 0)
     n_qb = tl.cdiv(T, BM)
     lo = (c * W) // BM
     flo = tl.minimum(tl.cdiv((c + 1) * W, BM), n_qb)
-    fhi = tl.maximum(flo, T // BM)
 
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
@@ -291,9 +291,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV_, qk_scale, scale, H, G, T
         dk, dv, dkl = _dkdv_blocks(dk, dv, dkl, k, v, kl, kp, c, q_base, do_base, row_base, LSE2, DELTA, T, W,
                                    qk_scale, lo, flo, offs_d, offs_dv, D, DV, BM, True, PREC, UPCAST)
         dk, dv, dkl = _dkdv_blocks(dk, dv, dkl, k, v, kl, kp, c, q_base, do_base, row_base, LSE2, DELTA, T, W,
-                                   qk_scale, flo, fhi, offs_d, offs_dv, D, DV, BM, False, PREC, UPCAST)
-        dk, dv, dkl = _dkdv_blocks(dk, dv, dkl, k, v, kl, kp, c, q_base, do_base, row_base, LSE2, DELTA, T, W,
-                                   qk_scale, fhi, n_qb, offs_d, offs_dv, D, DV, BM, True, PREC, UPCAST)
+                                   qk_scale, flo, n_qb, offs_d, offs_dv, D, DV, BM, False, PREC, UPCAST)
     k_ok = kp < T
     dk_base = DK + bkv64 * T * D
     dv_base = DV_ + bkv64 * T * DV
