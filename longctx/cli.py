@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
     if args.hf:
         model, tok, cfg, name = load_hf_eval_model(args.hf, args.overrides)
     else:
-        model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides)
+        model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides, args.retrieval_k)
     lead = _rank() == 0
     out = args.out or f"eval_{task}_{name.replace('@', '_').replace('/', '_')}.json"
     if task == "ppl":
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keys", type=int, default=1, help="niah: needles in the haystack (1 = single)")
     e.add_argument("--data", help="ppl: token file prefix (default: the synthetic corpus, another seed)")
     e.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
+    e.add_argument("--retrieval-k", type=int, default=0,
+                   help="landmark models: retrieve the top-k blocks per head from the block cache (0: exact)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="result JSON (an existing partial one is resumed); PNG beside it")
     e.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. parallel.sp_ring=2")

@@ -33,12 +33,21 @@ class LMEval:
     """model: a DecoderLM (eval mode); sp: an SPHandle or None; layout/ulysses as in training."""
 
     def __init__(self, model: DecoderLM, cfg, sp=None, layout: str = "contiguous", ulysses: int = 1,
-                 device: Optional[torch.device] = None, eos_id: Optional[int] = None):
+                 device: Optional[torch.device] = None, eos_id: Optional[int] = None,
+                 landmark_id: Optional[int] = None, retrieval_k: int = 0):
         self.model, self.cfg, self.sp, self.layout, self.ulysses = model.eval(), cfg, sp, layout, ulysses
         self.device = device or torch.device("cpu")
         self.eos_id = eos_id
         self.P = sp.size if sp is not None else 1
         self.rank = sp.rank if sp is not None else 0
+        # Landmark models read prompts in the landmark layout; retrieval_k > 0 streams them
+        # through the block cache (top-k blocks per head), 0 runs the exact grouped softmax.
+        self.landmark_block = cfg.model.landmark_block if "landmark" in cfg.model.mixers else 0
+        if self.landmark_block and landmark_id is None:
+            raise ValueError("a landmark model needs the tokenizer's landmark_id")
+        self.landmark_id, self.retrieval_k = landmark_id, retrieval_k
+        if retrieval_k and not self.landmark_block:
+            raise ValueError(f"retrieval_k={retrieval_k}: only landmark models retrieve blocks")
 
     # -- what fits ---------------------------------------------------------------------------
     def bytes_needed(self, n: int) -> int:
@@ -95,6 +104,8 @@ class LMEval:
         return int(tok[0])
 
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int) -> List[int]:
+        if self.landmark_block:
+            return self._generate_landmark(prompt_ids, max_new_tokens)
         ids = list(np.asarray(prompt_ids, dtype=np.int64))
         out: List[int] = []
         for _ in range(max_new_tokens):
@@ -105,9 +116,32 @@ class LMEval:
             ids.append(t)
         return out
 
+    def _generate_landmark(self, prompt_ids: np.ndarray, max_new_tokens: int) -> List[int]:
+        from longctx.model.landmark import RetrievalStream, insert_landmarks
+        B, W = self.landmark_block, self.landmark_block + 1
+        if self.retrieval_k:
+            if self.sp is not None:
+                raise ValueError("retrieval inference runs on one rank: launch one process for --retrieval-k")
+            return RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k).generate(
+                prompt_ids, max_new_tokens, self.eos_id)
+        regular, out = list(np.asarray(prompt_ids, dtype=np.int64)), []
+        for _ in range(max_new_tokens):
+            ids = insert_landmarks(np.asarray(regular), B, self.landmark_id)
+            if len(ids) % W == B:  # the group is full: its landmark precedes the next token
+                ids = np.append(ids, self.landmark_id)
+            t = self.next_token(ids)
+            if self.eos_id is not None and t == self.eos_id:
+                break
+            out.append(t)
+            regular.append(t)
+        return out
+
     def nll_per_token(self, ids: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """-log p(ids[t+1] | ids[:t+1]) for t < len(ids) - 1, float64 (len(ids) - 1,). Logits are
         formed chunk by chunk (never the whole (L, vocab) matrix)."""
+        if self.landmark_block:
+            raise ValueError("perplexity of landmark models is not measured yet (landmark positions would need "
+                             "their own treatment); use passkey or niah")
         T = len(ids) - 1
         h, pos = self._hidden(ids[:-1])
         return self._nll(h, pos, ids, T, chunk)
@@ -133,7 +167,7 @@ class LMEval:
         return float(v.sum()), int(v.size)
 
 
-def load_eval_model(path: str, overrides: Optional[List[str]] = None):
+def load_eval_model(path: str, overrides: Optional[List[str]] = None, retrieval_k: int = 0):
     """(LMEval, tokenizer, cfg, name) for a run folder / checkpoint folder. Under a launcher
     with several processes, the processes form one sequence-parallel group (parallel.sp =
     world size) with the config's sp_ulysses / sp_ring / layout."""
@@ -154,7 +188,7 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None):
                                        f"unexpected {unexpected[:3]})")
 
     name = f"{os.path.basename(os.path.dirname(os.path.dirname(folder))) or folder}@{os.path.basename(folder)}"
-    return _eval_model(cfg, weights, name)
+    return _eval_model(cfg, weights, name, retrieval_k)
 
 
 def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None):
@@ -175,7 +209,7 @@ def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None):
                        f"hf:{os.path.basename(os.path.abspath(folder))}")
 
 
-def _eval_model(cfg, load_weights, name: str):
+def _eval_model(cfg, load_weights, name: str, retrieval_k: int = 0):
     """Build the model of `cfg`, fill it with load_weights(model), set up sequence parallelism."""
     from longctx.config import sp_degrees, sp_layout
     from longctx.parallel.groups import build_mesh, init_distributed
@@ -193,4 +227,5 @@ def _eval_model(cfg, load_weights, name: str):
     model = DecoderLM(cfg.model)
     load_weights(model)
     tok = load_tokenizer(cfg.data.tokenizer)
-    return LMEval(model, cfg, sp, layout, ulysses, eos_id=None), tok, cfg, name
+    return (LMEval(model, cfg, sp, layout, ulysses, eos_id=None, landmark_id=tok.landmark_id, retrieval_k=retrieval_k),
+            tok, cfg, name)

@@ -185,3 +185,21 @@ def test_lm_adapter_matches_forward():
     assert gen[0] == lm.next_token(ids[:30]) and len(gen) == 3
     with pytest.raises(ValueError, match="GiB per rank"):
         lm.check_length(1 << 40)
+
+
+def test_landmark_model_generation_exact_and_with_retrieval():
+    """A landmark model reads prompts in the landmark layout: the exact grouped-softmax path
+    and block retrieval covering every block generate the same tokens."""
+    from longctx.config import load_config
+    from longctx.eval.lm import LMEval
+    from longctx.model.transformer import DecoderLM
+    cfg = load_config("configs/tiny-cpu.yaml", ["model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                                                 "model.mixers=[landmark]", "model.landmark_block=6"])
+    torch.manual_seed(0)
+    m = DecoderLM(cfg.model)
+    prompt = np.random.default_rng(2).integers(0, 256, size=40)
+    exact = LMEval(m, cfg, landmark_id=TOK.landmark_id).generate(prompt, 5)
+    retr = LMEval(m, cfg, landmark_id=TOK.landmark_id, retrieval_k=100).generate(prompt, 5)
+    assert exact == retr and len(exact) == 5
+    with pytest.raises(ValueError, match="only landmark models"):
+        LMEval(_tiny_lm()[0].model, _tiny_lm()[1], retrieval_k=4)
