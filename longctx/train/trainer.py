@@ -99,7 +99,10 @@ def _log0(msg: str) -> None:
 
 
 def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, folder: str) -> None:
-    saved = meta.get("model", {})
+    # Keys added to the schema after a checkpoint was written (e.g. model.rope_scaling) read as
+    # their defaults, so older checkpoints of the same model still resume.
+    from longctx.config import ModelConfig
+    saved = {**OmegaConf.to_container(OmegaConf.structured(ModelConfig)), **meta.get("model", {})}
     now = model_signature(cfg)
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
