@@ -241,8 +241,95 @@ def time_flash(quick: bool):
             torch.cuda.empty_cache()
 
 
-CHECKS = [check_lightning, check_flash]
-TIMINGS = [time_lightning, time_flash]
+# --- landmark attention (grouped softmax, issue 6) ------------------------------------------------
+def _landmark_run(q, k, v, block, backend, go):
+    """out and (dq, dk, dv) of sum(out * go), plus lse from the backend's forward."""
+    from longctx.kernels.landmark_torch import landmark_attn, landmark_fwd_torch
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    o = landmark_attn(*xs, block, backend=backend)
+    grads = torch.autograd.grad((o.float() * go).sum(), xs)
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        if backend == "triton":
+            from longctx.kernels.landmark_triton import landmark_fwd_triton
+            lse = landmark_fwd_triton(q, k, v, block, scale)[1]
+        else:
+            lse = landmark_fwd_torch(q, k, v, block, scale)[1]
+    return [o, lse, *grads]
+
+
+def check_landmark():
+    """Triton landmark kernel against the torch path (fp32, on the same values): GQA, block 64,
+    lengths that end mid-group and on a group boundary."""
+    B, H, Hkv, D, block = 2, 8, 2, 128, 64
+    for dtype, T in ((torch.float32, 2048), (torch.bfloat16, 4096), (torch.float32, 3001),
+                     (torch.bfloat16, 65 * 40)):  # 3001: mid-group; 2600: ends on a landmark
+        q, k, v = _flash_inputs(B, H, Hkv, T, T, D, dtype, seed=T)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        go = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype).float()  # same dO for both
+        got = _landmark_run(q, k, v, block, "triton", go)
+        ref = _landmark_run(q.float(), k.float(), v.float(), block, "torch", go)
+        names = ["o", "lse", "dq", "dk", "dv"]
+        finite = all(bool(torch.isfinite(x).all()) for x in got)
+        errs = {n: rel_err(a.float(), b) for n, a, b in zip(names, got, ref)}
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        ok = all(e < tol for e in errs.values()) and finite
+        RESULTS["checks"].append({"kernel": "landmark", "dtype": str(dtype), "T": T, "H": H, "Hkv": Hkv, "D": D,
+                                  "block": block, "rel_err": errs, "finite": finite, "tol": tol, "ok": ok})
+        print(f"check landmark {str(dtype):15s} T={T} block={block}: {'OK ' if ok else 'FAIL'} max rel err "
+              f"{max(errs.values()):.2e} (tol {tol}) " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+              flush=True)
+        got = ref = None
+        torch.cuda.empty_cache()
+
+
+def time_landmark(quick: bool):
+    """Landmark attention (block 64) beside our causal flash kernel in the same run, bf16 d=128
+    B=1 H=16 (MHA): forward and forward+backward; goal (issue 6): fwd+bwd within 1.5x of flash."""
+    from longctx.kernels.flash import flash_attn
+    from longctx.kernels.landmark_torch import landmark_attn
+    B, H, D, block = 1, 16, 128, 64
+    for T in ([8192] if quick else [8192, 16384, 32768]):
+        q, k, v = _flash_inputs(B, H, H, T, T, D, torch.bfloat16, seed=T)
+        go = torch.randn_like(q)
+        xs = [x.requires_grad_() for x in (q, k, v)]
+        row = {"kernel": "landmark", "T": T, "H": H, "D": D, "block": block, "dtype": "bf16"}
+
+        def lm_fwd():
+            with torch.no_grad():
+                landmark_attn(q, k, v, block, backend="triton")
+
+        def lm_fwdbwd():
+            torch.autograd.grad(landmark_attn(*xs, block, backend="triton"), xs, go)
+
+        def flash_fwd():
+            with torch.no_grad():
+                flash_attn(q, k, v, causal=True, backend="triton")
+
+        def flash_fwdbwd():
+            o, _ = flash_attn(*xs, causal=True, backend="triton")
+            torch.autograd.grad(o, xs, go)
+
+        for name, fn in (("landmark_fwd", lm_fwd), ("landmark_fwdbwd", lm_fwdbwd), ("flash_fwd", flash_fwd),
+                         ("flash_fwdbwd", flash_fwdbwd)):
+            try:
+                row[name + "_s"] = cuda_time(fn, reps=5, warmup=1)
+            except torch.cuda.OutOfMemoryError:
+                row[name + "_s"] = "oom"
+            torch.cuda.empty_cache()
+        for p in ("fwd", "fwdbwd"):
+            a, b = row.get(f"landmark_{p}_s"), row.get(f"flash_{p}_s")
+            if isinstance(a, float) and isinstance(b, float):
+                row[f"landmark_over_flash_{p}"] = a / b  # goal for fwdbwd: <= 1.5
+        RESULTS["timings"].append(row)
+        print("time " + " ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
+                                 for k_, v_ in row.items()), flush=True)
+        q = k = v = xs = go = None
+        torch.cuda.empty_cache()
+
+
+CHECKS = [check_lightning, check_flash, check_landmark]
+TIMINGS = [time_lightning, time_flash, time_landmark]
 
 
 def _kernel_of(fn: Callable) -> str:
