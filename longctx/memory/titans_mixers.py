@@ -1,0 +1,260 @@
+"""The Titans mixers over the neural memory (titans.py), registered by name:
+
+  memory  LMM alone: y = NeuralMemory(x).
+  mag     memory as a gate: o = W_o(RMSNorm(SWA(x)) ⊙ sigmoid(RMSNorm(NeuralMemory(x)))),
+          SWA = sliding-window softmax attention (window model.memory.window, RoPE).
+  mal     memory as a layer: o = W_o SWA(NeuralMemory(x)).
+  mac     memory as context, segment by segment (length model.memory.segment), for segment s:
+            h = M*_{s−1}(q(x_s))                      retrieval with the segment-start weights
+            y = Attn([persistent ‖ h ‖ x_s])           queries from x_s only; x_i sees every
+                                                       persistent token, h_j and x_j for j <= i
+            r, M_s = NeuralMemory(y; state M_{s−1})    memory updated with the attention output
+                                                       (per-token reads, so still causal)
+            o = W_o(RMSNorm(y) ⊙ sigmoid(RMSNorm(r)))
+          The paper's o_t = y_t ⊗ M*_t(y_t) reads the weights after the whole segment's update,
+          which would let token i see tokens j > i of its segment; we read M_i (after token i's
+          own update) instead, which keeps the language model causal.
+
+Carried state (ctx.carry): memory weights and momentum, the conv tails, and for mag/mal the
+last window−1 keys/values, in ctx.state under "<mixer>.<layer>". Streaming in pieces equals
+one pass for memory/mag/mal at any split, and for mac at splits on segment boundaries.
+Documents are not masked (the memory would need a reset at each boundary): doc_ids are refused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from longctx.kernels.flash import flash_attn
+from longctx.memory.titans import NeuralMemory, detach_state
+from longctx.model.layers import RMSNorm
+from longctx.model.mixers import register_mixer
+from longctx.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+Tensor = torch.Tensor
+
+
+def build_memory(cfg, layer_idx: int, name: str) -> NeuralMemory:
+    m = cfg.memory
+    return NeuralMemory(cfg.d_model, m.heads or cfg.n_heads, m.depth, m.chunk, m.max_lr, m.expansion, m.conv,
+                        m.max_state_norm, cfg.norm_eps, name=f"{name} mixer (layer {layer_idx})")
+
+
+def memory_fwd_flops(cfg, heads: Optional[int] = None):
+    """(projection params, forward FLOPs per token) of one NeuralMemory, from the closed forms in
+    titans.py (d head dim, h hidden, c chunk): depth 1 H(10d² + 4cd + 2c²), depth 2
+    H(22dh + 4cd + 4ch + 2c²); approximate (elementwise work not counted)."""
+    m = cfg.memory
+    H = heads or m.heads or cfg.n_heads
+    d, c = cfg.d_model // H, m.chunk
+    h = m.expansion * d
+    mix = 10 * d * d + 4 * c * d + 2 * c * c if m.depth == 1 else 22 * d * h + 4 * c * d + 4 * c * h + 2 * c * c
+    return 5 * cfg.d_model * H * d + 3 * H * cfg.d_model, H * mix
+
+
+def _no_docs(ctx, name: str) -> None:
+    if ctx.doc_ids is not None:
+        raise ValueError(f"{name}: the Titans mixers do not mask documents yet (the memory would need a reset at "
+                         f"each boundary); set data.mask_documents=false or use softmax/lightning layers")
+    if ctx.sp is not None and ctx.sp.size > 1:
+        raise ValueError(f"{name}: the Titans mixers do not run sequence-parallel yet; use parallel.sp=1")
+
+
+class _Attention(nn.Module):
+    """Softmax attention projections (n_heads, n_kv_heads, RoPE) over flash_attn."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = hd = cfg.d_model // cfg.n_heads
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * hd, bias=cfg.attn_bias)
+
+    def heads(self, t: Tensor, n: int) -> Tensor:
+        B, L, _ = t.shape
+        return t.view(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
+
+    def rope(self, pos_L: Tensor, dtype) -> tuple:
+        inv = rope_inv_freq(self.head_dim, self.rope_theta, device=pos_L.device)
+        return rope_cos_sin(pos_L[None], inv, dtype)
+
+    def sliding(self, x_BLD: Tensor, pos_L: Tensor, window: int, tail: Optional[dict]):
+        """Sliding-window causal attention (keys i − window < j <= i) with the carried tail of
+        roped keys/values; returns merged heads (B, L, n_heads·hd) and the new tail."""
+        cos, sin = self.rope(pos_L, x_BLD.dtype)
+        q = apply_rope(self.heads(self.q_proj(x_BLD), self.n_heads), cos, sin)
+        k = apply_rope(self.heads(self.k_proj(x_BLD), self.n_kv), cos, sin)
+        v = self.heads(self.v_proj(x_BLD), self.n_kv)
+        k_pos = pos_L
+        if tail is not None:
+            k, v, k_pos = torch.cat([tail["k"], k], 2), torch.cat([tail["v"], v], 2), torch.cat([tail["pos"], pos_L])
+        o, _ = flash_attn(q, k, v, causal=True, window=window, q_pos=pos_L, k_pos=k_pos)
+        keep = max(window - 1, 0)
+        new_tail = {"k": k[:, :, k.shape[2] - keep:].detach(), "v": v[:, :, v.shape[2] - keep:].detach(),
+                    "pos": k_pos[k_pos.shape[0] - keep:]}
+        B, _, L, _ = o.shape
+        return o.transpose(1, 2).reshape(B, L, -1), new_tail
+
+
+def _positions(ctx, L: int) -> Tensor:
+    """Global positions (L,), shared by the batch rows (as the flash kernel's masks need)."""
+    pos = ctx.positions
+    if pos.dim() == 2 and pos.shape[0] > 1 and not bool((pos == pos[:1]).all()):
+        raise ValueError("Titans mixers: ctx.positions must be the same for every batch row")
+    return pos.reshape(-1, L)[0]
+
+
+@register_mixer("memory")
+class TitansMemory(nn.Module):
+    """LMM: the neural memory alone."""
+    supports_sp = False  # the rank-to-rank hand-off of MemoryState is future work
+    sp_layouts = ("contiguous",)
+
+    @staticmethod
+    def mixer_fwd_flops(cfg, seq_len: int):
+        return memory_fwd_flops(cfg)
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mem = build_memory(cfg, layer_idx, "memory")
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        _no_docs(ctx, "memory")
+        key = f"memory.{self.layer_idx}"
+        y, st = self.mem(x_BLD, ctx.state.get(key) if ctx.carry else None)
+        if ctx.carry:
+            ctx.state[key] = detach_state(st)
+        return y
+
+
+@register_mixer("mag")
+class TitansMAG(nn.Module):
+    """Memory as a gate over sliding-window attention."""
+    supports_sp = False
+    sp_layouts = ("contiguous",)
+
+    @staticmethod
+    def mixer_fwd_flops(cfg, seq_len: int):
+        p, f = memory_fwd_flops(cfg)
+        w = min(cfg.memory.window, seq_len)
+        return p + 4 * cfg.d_model * cfg.d_model, f + 4 * w * cfg.d_model
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.window = layer_idx, cfg.memory.window
+        self.attn = _Attention(cfg)
+        self.mem = build_memory(cfg, layer_idx, "mag")
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.o_proj = nn.Linear(cfg.n_heads * self.attn.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        _no_docs(ctx, "mag")
+        key = f"mag.{self.layer_idx}"
+        st = ctx.state.get(key, {}) if ctx.carry else {}
+        a, tail = self.attn.sliding(x_BLD, _positions(ctx, x_BLD.shape[1]), self.window, st.get("swa"))
+        m, mst = self.mem(x_BLD, st.get("mem"))
+        if ctx.carry:
+            ctx.state[key] = {"swa": tail, "mem": detach_state(mst)}
+        return self.o_proj(self.attn_norm(a) * torch.sigmoid(self.mem_norm(m)))
+
+
+@register_mixer("mal")
+class TitansMAL(nn.Module):
+    """Memory as a layer: sliding-window attention over the memory's output."""
+    supports_sp = False
+    sp_layouts = ("contiguous",)
+
+    @staticmethod
+    def mixer_fwd_flops(cfg, seq_len: int):
+        p, f = memory_fwd_flops(cfg)
+        w = min(cfg.memory.window, seq_len)
+        return p + 4 * cfg.d_model * cfg.d_model, f + 4 * w * cfg.d_model
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.window = layer_idx, cfg.memory.window
+        self.mem = build_memory(cfg, layer_idx, "mal")
+        self.attn = _Attention(cfg)
+        self.o_proj = nn.Linear(cfg.n_heads * self.attn.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        _no_docs(ctx, "mal")
+        key = f"mal.{self.layer_idx}"
+        st = ctx.state.get(key, {}) if ctx.carry else {}
+        m, mst = self.mem(x_BLD, st.get("mem"))
+        a, tail = self.attn.sliding(m, _positions(ctx, x_BLD.shape[1]), self.window, st.get("swa"))
+        if ctx.carry:
+            ctx.state[key] = {"swa": tail, "mem": detach_state(mst)}
+        return self.o_proj(a)
+
+
+@register_mixer("mac")
+class TitansMAC(nn.Module):
+    """Memory as context: per segment, retrieval + persistent tokens + segment attention, then
+    the memory is updated with the attention output (see the module docstring)."""
+    supports_sp = False
+    sp_layouts = ("contiguous",)
+
+    @staticmethod
+    def mixer_fwd_flops(cfg, seq_len: int):
+        p, f = memory_fwd_flops(cfg)
+        S = min(cfg.memory.segment, seq_len)
+        # memory scan over y, retrieval q·W (~2 d² per head), attention over Np + 2S keys (half: causal)
+        d = cfg.d_model
+        return p + 4 * d * d + d * d, f + 2 * d * d // (cfg.memory.heads or cfg.n_heads) + 2 * d * (cfg.memory.n_persistent + 2 * S)
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.segment = layer_idx, cfg.memory.segment
+        self.mem = build_memory(cfg, layer_idx, "mac")
+        self.attn = _Attention(cfg)
+        self.attn_out = nn.Linear(cfg.n_heads * self.attn.head_dim, cfg.d_model, bias=False)
+        self.persistent = nn.Parameter(torch.randn(cfg.memory.n_persistent, cfg.d_model) * cfg.init_std)
+        self.y_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.r_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _segment_attention(self, x_BSD: Tensor, h_BSD: Tensor) -> Tensor:
+        """Attention of x's queries over [persistent ‖ h ‖ x] (segment-local, causal in j)."""
+        B, S, _ = x_BSD.shape
+        Np = self.persistent.shape[0]
+        at = self.attn
+        ctx_BTD = torch.cat([self.persistent.to(x_BSD.dtype).expand(B, Np, -1), h_BSD, x_BSD], 1)
+        loc = torch.arange(S, device=x_BSD.device)
+        rope_k = torch.cat([torch.zeros(Np, dtype=torch.long, device=loc.device), loc, loc])
+        mask_k = torch.cat([torch.full((Np,), -1, dtype=torch.long, device=loc.device), loc, loc])
+        cq, sq = at.rope(loc, x_BSD.dtype)
+        ck, sk = at.rope(rope_k, x_BSD.dtype)
+        q = apply_rope(at.heads(at.q_proj(x_BSD), at.n_heads), cq, sq)
+        k = apply_rope(at.heads(at.k_proj(ctx_BTD), at.n_kv), ck, sk)
+        v = at.heads(at.v_proj(ctx_BTD), at.n_kv)
+        o, _ = flash_attn(q, k, v, causal=True, q_pos=loc, k_pos=mask_k)
+        return self.attn_out(o.transpose(1, 2).reshape(B, S, -1))
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        _no_docs(ctx, "mac")
+        key = f"mac.{self.layer_idx}"
+        B, L, _ = x_BLD.shape
+        st = ctx.state.get(key) if ctx.carry else None
+        if st is None:
+            st = {"x": self.mem.initial_state(B, x_BLD.dtype), "y_conv": None}
+        xs, mem_y = st["x"], {"mem": st["x"]["mem"], "conv": st["y_conv"]}
+        outs = []
+        for s0 in range(0, L, self.segment):
+            x = x_BLD[:, s0:s0 + self.segment]
+            h, x_tail = self.mem.read(x, {"mem": mem_y["mem"], "conv": xs["conv"]})
+            xs = {"conv": x_tail}
+            y = self._segment_attention(x, h)
+            r, mem_y = self.mem(y, mem_y)
+            outs.append(self.o_proj(self.y_norm(y) * torch.sigmoid(self.r_norm(r))))
+        if ctx.carry:
+            d = detach_state(mem_y)
+            ctx.state[key] = {"x": {"mem": d["mem"], "conv": None if xs["conv"] is None else xs["conv"].detach()},
+                              "y_conv": d["conv"]}
+        return torch.cat(outs, 1)
