@@ -1,4 +1,4 @@
-"""`longctx` command line: train | eval | plot | data | info (extend, plan arrive with their issues).
+"""`longctx` command line: train | eval | extend | plot | data | info (plan arrives with its issue).
 
 Errors that a user can fix (config, data, checkpoints) print one line, `error: ...`, and exit 2.
 """
@@ -93,6 +93,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_extend(args) -> int:
+    from longctx.train.extend import plan, write_plan
+    p = plan(args.from_dir, args.target_len, args.method, args.out, args.per_stage, args.steps, args.lr,
+             args.tokens_per_step, args.data, args.max_tokens_per_rank)
+    out = write_plan(p, args.out)
+    print(f"{args.method}: {p['original_length']} -> {p['target_length']} tokens in {len(p['stages'])} stage(s)")
+    for s in p["stages"]:
+        print(f"  stage {s['stage']}: length {s['length']:>8} (x{s['factor']:g}), rope_theta {s['rope_theta']:.6g}, "
+              f"{s['rope_scaling']['rope_type']}, sp {s['sp']}: longctx train {s['config_path']}; then export to "
+              f"{s['export']} (longctx.model.hf.save_pretrained)")
+    print(f"wrote {out}/plan.json and the stage configs")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from longctx.eval.plots import plot_paths
     print(f"wrote {plot_paths(args.paths, args.out)}")
@@ -162,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="result JSON (an existing partial one is resumed); PNG beside it")
     e.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. parallel.sp_ring=2")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("extend", help="plan a staged context extension of a Hugging Face model (configs per stage)")
+    x.add_argument("--from", dest="from_dir", required=True, help="Hugging Face model folder")
+    x.add_argument("--target-len", type=int, required=True, help="the context length to reach")
+    x.add_argument("--method", required=True, help="yarn, ntk, pi, llama3 or theta (landmark, hybrid: later)")
+    x.add_argument("--out", required=True, help="new folder for plan.json and stage_K/config.yaml")
+    x.add_argument("--per-stage", type=float, default=4.0, help="length growth per stage")
+    x.add_argument("--steps", type=int, default=200, help="training steps per stage")
+    x.add_argument("--lr", type=float, default=2e-5)
+    x.add_argument("--tokens-per-step", type=int, default=65536, help="sets data.micro_batch_size per stage")
+    x.add_argument("--data", help="token file prefix (default: the synthetic corpus)")
+    x.add_argument("--max-tokens-per-rank", type=int, help="choose parallel.sp per stage to keep L/sp under this")
+    x.set_defaults(func=cmd_extend)
 
     pl = sub.add_parser("plot", help="a run folder -> curves.png; eval JSON(s) -> heatmap or perplexity plot")
     pl.add_argument("paths", nargs="+")
