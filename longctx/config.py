@@ -28,7 +28,11 @@ class MemoryConfig:
     chunk: int = 64             # tokens per mini-batch of the inner gradient step
     heads: Optional[int] = None  # memory heads; None means model.n_heads
     expansion: int = 2          # depth-2 hidden width = expansion * memory head dim
-    max_lr: float = 0.2         # inner learning rate θ = max_lr * sigmoid(.)
+    # inner learning rate θ = max_lr * sigmoid(.). A chunk sums b gradients taken at the same
+    # weights, and SiLU-then-l2 keys are correlated, so the step along their common direction is
+    # about 2·b·θ·mean(k·k'): 0.05-0.1 already diverge at chunk 64 on random inputs. (titans-pytorch
+    # averages the loss over the head dim, so its max_lr 1.0 is ~ our 1/d_h.)
+    max_lr: float = 0.02
     max_state_norm: float = 1.0e4  # a memory weight/momentum norm above this is divergence
     conv: int = 4               # depthwise causal conv kernel on q, k, v
     window: int = 256           # sliding-window attention of mag / mal

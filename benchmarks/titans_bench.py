@@ -1,0 +1,137 @@
+"""Titans neural memory: throughput beside titans-pytorch, per-token cost vs length, capacity.
+
+  python benchmarks/titans_bench.py [--lengths 4096 16384 65536] [--long] [--peer-max 16384]
+                                    [--threads 1] [--out FILE.json]
+
+1. Forward+backward tokens/s of our NeuralMemory (dim 256, chunk 64, depth 2) at each length,
+   batch 1, fp32, in two shapes: peer-shaped (1 head of 256, MLP expansion 4, as
+   titans_pytorch.NeuralMemory(dim=256, chunk_size=64) defaults) and multi-head (4 heads of 64,
+   expansion 2). The peer runs in the same process when `titans_pytorch` imports (lengths up to
+   --peer-max: it is slow), else "peer unavailable". Ratio = ours / peer at the same length.
+2. Constant per-token cost: tokens/s at the shortest vs the longest length (--long adds 256K, 1M).
+3. Capacity: store N random (key, value) pairs, d = 64 (unit keys and values, one head, chunk 1,
+   no momentum or forgetting, θ fixed), in one pass and in 3 passes over the same pairs; then
+   read every key with the final weights.
+   recall@cos = mean cosine(M(k_i), v_i); recall@1 = fraction of keys whose read is nearest (by
+   cosine) to its own value among all N stored values. Matrix memory (θ = 0.5: the delta rule's
+   exact write) and depth 2 (θ = 0.25, expansion 2; 0.8 diverges in 3 passes), N = 16..128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from longctx.memory.titans import Gates, MemoryState, NeuralMemory, memory_apply, memory_scan
+
+
+def time_fwd_bwd(fn, x, reps: int = 2) -> float:
+    """Best of `reps` forward+backward wall times (seconds), after one warm-up at the same shape."""
+    best = float("inf")
+    for i in range(reps + 1):
+        xx = x.detach().requires_grad_(True)
+        t = time.perf_counter()
+        fn(xx).float().pow(2).mean().backward()
+        dt = time.perf_counter() - t
+        if i:
+            best = min(best, dt)
+    return best
+
+
+def ours(heads: int, expansion: int):
+    torch.manual_seed(0)
+    m = NeuralMemory(256, heads=heads, depth=2, chunk=64, max_lr=0.01, expansion=expansion)
+    return lambda x: m(x)[0]
+
+
+def peer():
+    try:
+        from titans_pytorch import NeuralMemory as PeerMemory
+    except Exception as exc:  # noqa: BLE001 — any import failure means no peer
+        print(f"peer unavailable ({type(exc).__name__}: {exc})")
+        return None
+    torch.manual_seed(0)
+    m = PeerMemory(dim=256, chunk_size=64)
+    return lambda x: m(x)[0]
+
+
+def throughput(lengths, peer_max, reps):
+    rows = []
+    fns = {"ours 1x256 e4": ours(1, 4), "ours 4x64 e2": ours(4, 2)}
+    p = peer()
+    for L in lengths:
+        x = torch.randn(1, L, 256)
+        row = {"tokens": L}
+        for name, fn in fns.items():
+            row[name] = L / time_fwd_bwd(fn, x, reps)
+        if p is not None and L <= peer_max:
+            row["peer"] = L / time_fwd_bwd(p, x, 1)
+            row["ratio"] = row["ours 1x256 e4"] / row["peer"]
+        rows.append(row)
+        print("  " + "  ".join(f"{k}={v:,.0f}" if k != "ratio" else f"{k}={v:.1f}x" for k, v in row.items()),
+              flush=True)
+    return rows
+
+
+def capacity(n_values=(16, 32, 64, 128), d: int = 64, seed: int = 0, passes=(1, 3)):
+    rows = []
+    for depth, theta, expansion in ((1, 0.5, 1), (2, 0.25, 2)):
+        for p in passes:
+            for N in n_values:
+                g = torch.Generator().manual_seed(seed + N)
+                k = F.normalize(torch.randn(1, 1, N, d, generator=g, dtype=torch.float64), dim=-1)
+                v = F.normalize(torch.randn(1, 1, N, d, generator=g, dtype=torch.float64), dim=-1)
+                if depth == 1:
+                    W = (torch.zeros(1, 1, d, d, dtype=torch.float64),)
+                else:
+                    W = (torch.randn(1, 1, d, expansion * d, generator=g, dtype=torch.float64) / d ** 0.5,
+                         torch.zeros(1, 1, expansion * d, d, dtype=torch.float64))
+                z = torch.zeros(1, 1, N * p, dtype=torch.float64)
+                gates = Gates(torch.full_like(z, -1e4), z + theta, z)  # η ≈ 0, α = 0, θ fixed
+                ks, vs = k.repeat(1, 1, p, 1), v.repeat(1, 1, p, 1)     # the pairs, p times in a row
+                st0 = MemoryState(W, tuple(torch.zeros_like(w) for w in W))
+                _, st = memory_scan(ks, ks, vs, gates, st0, chunk=1)
+                r = memory_apply(st.weights, k)[0, 0]                              # (N, d)
+                cos = F.cosine_similarity(r, v[0, 0], dim=-1)
+                sims = F.normalize(r, dim=-1) @ v[0, 0].T                           # (N, N)
+                top1 = (sims.argmax(-1) == torch.arange(N)).double().mean()
+                rows.append({"depth": depth, "theta": theta, "passes": p, "N": N,
+                             "recall_cos": float(cos.mean()), "recall_at_1": float(top1)})
+                print(f"  depth {depth}  θ={theta}  passes={p}  N={N:4d}  recall@cos={float(cos.mean()):.3f}  "
+                      f"recall@1={float(top1):.3f}")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--long", action="store_true", help="also 262144 and 1048576 tokens (ours only)")
+    ap.add_argument("--peer-max", type=int, default=16384, help="longest length the peer runs at")
+    ap.add_argument("--reps", type=int, default=2)
+    # 1 by default: on a shared 2-core machine a second intra-op thread mostly waits (5-10x
+    # slower and erratic under load); ours and the peer run under the same setting
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    lengths = a.lengths + ([262144, 1048576] if a.long else [])
+    print(f"throughput: forward+backward tokens/s, dim 256, chunk 64, depth 2, fp32, "
+          f"{torch.get_num_threads()} threads")
+    tp = throughput(lengths, a.peer_max, a.reps)
+    lo, hi = tp[0], tp[-1]
+    per_token = {k: hi[k] / lo[k] for k in lo if k.startswith("ours")}
+    print(f"per-token cost: tokens/s at {hi['tokens']} / at {lo['tokens']}: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in per_token.items()) + " (1.0 = constant)")
+    print("capacity: d=64, store N pairs (1 or 3 passes), then recall")
+    cap = capacity()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"throughput": tp, "per_token_ratio": per_token, "capacity": cap}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
