@@ -392,6 +392,16 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             from longctx.parallel.ulysses import check_heads
             why = check_heads(m.n_heads, kv, ulysses, p.sp)
             _need(why is None, f"parallel.sp_ulysses={ulysses}: {why}")
+        if "memory" in m.mixers:
+            from longctx.parallel.sharding import padded_length
+            shard = padded_length(d.seq_len, p.sp, "contiguous") // p.sp
+            _need(shard % m.memory.chunk == 0,
+                  f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
+                  f"model.memory.chunk={m.memory.chunk}, which the memory hand-off between ranks needs: use "
+                  f"data.seq_len={-(-d.seq_len // (p.sp * m.memory.chunk)) * p.sp * m.memory.chunk}")
+            _need(not m.activation_checkpointing,
+                  "model.activation_checkpointing with sequence-parallel memory layers would resend the memory "
+                  "state when the forward is recomputed: set it false (or parallel.sp=1)")
         _need(ring == 1 or not any(n == "landmark" for n in m.mixers),
               f"parallel.sp_ring={ring}: landmark attention runs under Ulysses only; set parallel.sp_ring=1 "
               f"(sp_ulysses={p.sp})")

@@ -54,11 +54,11 @@ def memory_fwd_flops(cfg, heads: Optional[int] = None):
     return 5 * cfg.d_model * H * d + 3 * H * cfg.d_model, H * mix
 
 
-def _no_docs(ctx, name: str) -> None:
+def _no_docs(ctx, name: str, sp_ok: bool = False) -> None:
     if ctx.doc_ids is not None:
         raise ValueError(f"{name}: the Titans mixers do not mask documents yet (the memory would need a reset at "
                          f"each boundary); set data.mask_documents=false or use softmax/lightning layers")
-    if ctx.sp is not None and ctx.sp.size > 1:
+    if ctx.sp is not None and ctx.sp.size > 1 and not sp_ok:
         raise ValueError(f"{name}: the Titans mixers do not run sequence-parallel yet; use parallel.sp=1")
 
 
@@ -110,8 +110,9 @@ def _positions(ctx, L: int) -> Tensor:
 
 @register_mixer("memory")
 class TitansMemory(nn.Module):
-    """LMM: the neural memory alone."""
-    supports_sp = False  # the rank-to-rank hand-off of MemoryState is future work
+    """LMM: the neural memory alone. Sequence-parallel by handing the memory state (weights,
+    momentum, conv tail) from rank r to r+1 (parallel/state_passing.hand_off): exact."""
+    supports_sp = True
     sp_layouts = ("contiguous",)
 
     @staticmethod
@@ -124,12 +125,36 @@ class TitansMemory(nn.Module):
         self.mem = build_memory(cfg, layer_idx, "memory")
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "memory")
+        _no_docs(ctx, "memory", sp_ok=True)
+        if ctx.sp is not None and ctx.sp.size > 1:
+            return self._forward_sp(x_BLD, ctx)
         key = f"memory.{self.layer_idx}"
         y, st = self.mem(x_BLD, ctx.state.get(key) if ctx.carry else None)
         if ctx.carry:
             ctx.state[key] = detach_state(st)
         return y
+
+
+    def _forward_sp(self, x_BLD: Tensor, ctx) -> Tensor:
+        from longctx.memory.titans import MemoryState
+        from longctx.parallel.state_passing import hand_off
+        if ctx.carry:
+            raise ValueError("memory mixer: streaming with carried state runs on one rank: pass ctx.sp=None")
+        B, L, _ = x_BLD.shape
+        if L % self.mem.chunk:
+            raise ValueError(f"memory mixer: a shard of {L} tokens is not a multiple of model.memory.chunk="
+                             f"{self.mem.chunk}: pick data.seq_len so that seq_len / parallel.sp is")
+        st0 = self.mem.initial_state(B, x_BLD.dtype)
+        n = len(st0["mem"].weights)
+        C = self.mem.qkv_proj.out_features
+        flat0 = [*st0["mem"].weights, *st0["mem"].momentum, x_BLD.new_zeros(B, self.mem.kernel - 1, C)]
+
+        def run(flat):
+            state = {"mem": MemoryState(tuple(flat[:n]), tuple(flat[n:2 * n])), "conv": flat[2 * n]}
+            y, st = self.mem(x_BLD, state)
+            return y, [*st["mem"].weights, *st["mem"].momentum, st["conv"]]
+
+        return hand_off(run, flat0, ctx.sp, op="memory_state")
 
 
 @register_mixer("mag")

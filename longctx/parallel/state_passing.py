@@ -133,3 +133,89 @@ def lightning_attn_sp(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: flo
     w = torch.exp(-decay.to(S_in.dtype)[None, :, None] * (t + 1).to(S_in.dtype)) * in_first[:, None]  # (B,H,T)
     corr = torch.einsum("bhtk,bhkv->bhtv", q.to(S_in.dtype) * (scale * w)[..., None], S_in)
     return o + corr.to(o.dtype)
+
+
+# -- recurrent state handed from rank to rank (Titans memory) ----------------------------------
+# A non-linear recurrence (the MLP memory) cannot be combined by a prefix like the linear state
+# above: rank r must start from rank r-1's final state. Forward: receive it, run the shard, send
+# the final state on. Backward: the reverse chain, gradients of the received state go back to
+# the sender. Per layer the chain costs P - 1 dependent hops, but consecutive layers pipeline:
+# rank r-1 runs layer l+1 while rank r runs layer l.
+
+
+class _RecvState(torch.autograd.Function):
+    """Forward: the state from the previous rank (tensors shaped like `like`). Backward: their
+    gradients are sent back to it."""
+
+    @staticmethod
+    def forward(ctx, anchor, sp, op, *like):
+        ctx.sp, ctx.op = sp, op
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in like]
+        src = dist.get_global_rank(sp.group, sp.rank - 1)
+        bufs = [torch.empty_like(t) for t in like]
+        ops = [dist.P2POp(dist.irecv, b, src, group=sp.group) for b in bufs]
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+        from longctx.parallel.comm import COMM
+        COMM.add(op, sum(b.numel() * b.element_size() for b in bufs))
+        return tuple(bufs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sp = ctx.sp
+        dst = dist.get_global_rank(sp.group, sp.rank - 1)
+        gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous()  # unused parts: zero
+              for g, (s, d, dev) in zip(grads, ctx.shapes)]
+        ops = [dist.P2POp(dist.isend, g, dst, group=sp.group) for g in gs]
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+        return (None, None, None) + (None,) * len(grads)
+
+
+class _SendState(torch.autograd.Function):
+    """Forward: send the final state to the next rank; returns a zero scalar to add to the
+    output (so the backward runs). Backward: receive the state's gradients from the next rank."""
+
+    @staticmethod
+    def forward(ctx, sp, op, *state):
+        ctx.sp, ctx.op = sp, op
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in state]
+        dst = dist.get_global_rank(sp.group, sp.rank + 1)
+        ops = [dist.P2POp(dist.isend, t.detach().contiguous(), dst, group=sp.group) for t in state]
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+        return state[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        sp = ctx.sp
+        src = dist.get_global_rank(sp.group, sp.rank + 1)
+        bufs = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
+        ops = [dist.P2POp(dist.irecv, b, src, group=sp.group) for b in bufs]
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+        from longctx.parallel.comm import COMM
+        COMM.add(ctx.op + "_grad", sum(b.numel() * b.element_size() for b in bufs))
+        return (None, None) + tuple(bufs)
+
+
+def hand_off(run, init_state, sp: SPHandle, op: str = "memory_state"):
+    """Run a recurrence sequence-parallel and exactly: out, final = run(state_in) where
+    state_in is rank r-1's final state (rank 0: init_state). States are flat lists of tensors
+    of fixed shapes (every rank the same). Returns out with the hand-off attached to its graph.
+    Contiguous layout only (rank order is sequence order)."""
+    if sp.layout != "contiguous":
+        raise ValueError(f"state hand-off needs the contiguous sequence layout, got {sp.layout!r}")
+    if sp.rank > 0:
+        anchor = torch.zeros((), requires_grad=True)
+        state_in = list(_RecvState.apply(anchor, sp, op, *[t.detach() for t in init_state]))
+    else:
+        state_in = list(init_state)
+    out, final = run(state_in)
+    if sp.rank > 0:
+        # The initial state's parameters are unused here; ZeRO 1-3 reduce only gradients whose
+        # hooks fired, so give them an exact zero gradient to keep every rank's buckets alike.
+        out = out + sum((t * 0).sum() for t in init_state if t.requires_grad)
+    if sp.rank < sp.size - 1:
+        out = out + _SendState.apply(sp, op, *final)
+    return out

@@ -58,3 +58,17 @@ def test_landmark_sp_gradients_equal_sp1(reference):
     for n in ref:
         rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
         assert rel < 1e-5, f"landmark SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
+
+
+MEMORY = ["model.mixers=[memory,softmax]", "model.memory.chunk=8", "data.seq_len=64", "data.mask_documents=false"]
+
+
+def test_memory_sp_gradients_equal_sp1(reference):
+    """Titans memory layers (state handed rank to rank) beside softmax layers under SP=2 with
+    ZeRO-2: every gradient equals one process's."""
+    tmp, _ = reference
+    ref = grads(tmp, "mem_sp1", "python", 1, [*MEMORY, "deepspeed.zero_stage=0"])
+    got = grads(tmp, "mem_sp2", "torchrun", 2, [*MEMORY, "parallel.sp=2", "deepspeed.zero_stage=2"])
+    for n in ref:
+        rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
+        assert rel < 1e-5, f"memory SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"

@@ -1,0 +1,69 @@
+"""The Titans memory mixer sequence-parallel: the memory state (weights, momentum, conv tail)
+handed from rank r to r+1 gives one process's outputs, input gradients and (summed over ranks)
+parameter gradients, depth 1 and 2, at world sizes 2-4; the bytes handed match the state size."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from mp import run_world
+
+from longctx.config import load_config
+from longctx.model.transformer import SeqContext
+from longctx.parallel.comm import COMM
+from longctx.parallel.groups import SPHandle
+
+T_PER_RANK, B = 8, 2
+
+
+def mixer(depth):
+    from longctx.memory.titans_mixers import TitansMemory
+    cfg = load_config("configs/tiny-cpu.yaml", ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2",
+                                                 "model.mixers=[memory]", f"model.memory.depth={depth}",
+                                                 "model.memory.chunk=4", "model.memory.max_lr=0.2"])
+    torch.manual_seed(0)
+    m = TitansMemory(cfg.model, 0).double()
+    with torch.no_grad():  # non-trivial start: conv and initial weights non-zero
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def inputs(T):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, T, 32, generator=g, dtype=torch.float64), torch.randn(B, T, 32, generator=g, dtype=torch.float64)
+
+
+def worker(rank, world, depth):
+    m = mixer(depth)
+    x, go = inputs(world * T_PER_RANK)
+    sl = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
+    xl = x[:, sl].clone().requires_grad_()
+    ctx = SeqContext(positions=torch.arange(sl.start, sl.stop)[None].expand(B, -1),
+                     sp=SPHandle(dist.group.WORLD, rank, world))
+    COMM.reset()
+    y = m(xl, ctx)
+    (y * go[:, sl]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}  # rank > 0: exact zeros for init_w
+    for g in grads.values():
+        dist.all_reduce(g)
+    return y.detach(), xl.grad, grads, dict(COMM.bytes)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_memory_hand_off_exact(world, depth):
+    m = mixer(depth)
+    x, go = inputs(world * T_PER_RANK)
+    x.requires_grad_()
+    ctx = SeqContext(positions=torch.arange(x.shape[1])[None].expand(B, -1))
+    y = m(x, ctx)
+    (y * go).sum().backward()
+    state_bytes = 8 * (2 * sum(p.numel() for p in m.mem.init_w) * B + B * 3 * 32 * (m.mem.kernel - 1))
+    for r, (yl, gx, grads, comm) in enumerate(run_world(world, worker, depth)):
+        sl = slice(r * T_PER_RANK, (r + 1) * T_PER_RANK)
+        assert torch.allclose(yl, y[:, sl].detach(), atol=1e-10, rtol=0), r
+        assert torch.allclose(gx, x.grad[:, sl], atol=1e-10, rtol=0), r
+        for n, p in m.named_parameters():
+            assert torch.allclose(grads[n], p.grad, atol=1e-10, rtol=0), (r, n)
+        assert comm.get("memory_state", 0) == (state_bytes if r > 0 else 0)
+        assert comm.get("memory_state_grad", 0) == (state_bytes if r < world - 1 else 0)
