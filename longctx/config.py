@@ -392,9 +392,13 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             from longctx.parallel.ulysses import check_heads
             why = check_heads(m.n_heads, kv, ulysses, p.sp)
             _need(why is None, f"parallel.sp_ulysses={ulysses}: {why}")
-        if "memory" in m.mixers:
+        if any(n in ("memory", "mag", "mal") for n in m.mixers):
             from longctx.parallel.sharding import padded_length
             shard = padded_length(d.seq_len, p.sp, "contiguous") // p.sp
+            _need(not any(n in ("mag", "mal") for n in m.mixers) or shard >= m.memory.window - 1,
+                  f"parallel.sp={p.sp}: each rank's {shard} tokens are fewer than model.memory.window - 1 = "
+                  f"{m.memory.window - 1} (the window's keys come from the previous rank only): use fewer ranks, "
+                  f"a longer data.seq_len or a smaller window")
             _need(shard % m.memory.chunk == 0,
                   f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
                   f"model.memory.chunk={m.memory.chunk}, which the memory hand-off between ranks needs: use "

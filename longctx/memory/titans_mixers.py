@@ -94,7 +94,7 @@ class _Attention(nn.Module):
             k, v, k_pos = torch.cat([tail["k"], k], 2), torch.cat([tail["v"], v], 2), torch.cat([tail["pos"], pos_L])
         o, _ = flash_attn(q, k, v, causal=True, window=window, q_pos=pos_L, k_pos=k_pos)
         keep = max(window - 1, 0)
-        new_tail = {"k": k[:, :, k.shape[2] - keep:].detach(), "v": v[:, :, v.shape[2] - keep:].detach(),
+        new_tail = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:],  # detached by callers that carry
                     "pos": k_pos[k_pos.shape[0] - keep:]}
         B, _, L, _ = o.shape
         return o.transpose(1, 2).reshape(B, L, -1), new_tail
@@ -157,10 +157,47 @@ class TitansMemory(nn.Module):
         return hand_off(run, flat0, ctx.sp, op="memory_state")
 
 
+def _detach_tail(tail: dict) -> dict:
+    return {"k": tail["k"].detach(), "v": tail["v"].detach(), "pos": tail["pos"]}
+
+
+def _sp_with_tail(mixer, x_BLD: Tensor, ctx, body) -> Tensor:
+    """Sequence-parallel mag / mal: the memory state and the sliding window's last window-1
+    keys/values are handed from rank r to r+1 (parallel/state_passing.hand_off).
+    body(x, pos, mem_state, swa_tail) -> (y, mem_state, swa_tail)."""
+    from longctx.memory.titans import MemoryState
+    from longctx.parallel.state_passing import hand_off
+    if ctx.carry:
+        raise ValueError(f"{mixer.kind}: streaming with carried state runs on one rank: pass ctx.sp=None")
+    B, L, _ = x_BLD.shape
+    mem, attn, keep = mixer.mem, mixer.attn, max(mixer.window - 1, 0)
+    if L % mem.chunk or L < keep:
+        raise ValueError(f"{mixer.kind}: a shard of {L} tokens must be a multiple of model.memory.chunk={mem.chunk} "
+                         f"and at least model.memory.window - 1 = {keep} long: change data.seq_len or parallel.sp")
+    pos = _positions(ctx, L)
+    st0 = mem.initial_state(B, x_BLD.dtype)
+    n = len(st0["mem"].weights)
+    C = mem.qkv_proj.out_features
+    kv = [x_BLD.new_zeros(B, attn.n_kv, keep, attn.head_dim) for _ in range(2 if keep else 0)]  # window 1: none
+    flat0 = [*st0["mem"].weights, *st0["mem"].momentum, x_BLD.new_zeros(B, mem.kernel - 1, C), *kv]
+    # rank 0 has no previous keys: its zero tail sits a full window before the first query (masked)
+    first = int(pos[0]) - (mixer.window if ctx.sp.rank == 0 else 0) - keep
+    tail_pos = first + torch.arange(keep, device=pos.device)
+
+    def run(flat):
+        state = {"mem": MemoryState(tuple(flat[:n]), tuple(flat[n:2 * n])), "conv": flat[2 * n]}
+        tail_in = {"k": flat[2 * n + 1], "v": flat[2 * n + 2], "pos": tail_pos} if keep else None
+        y, mst, tail = body(x_BLD, pos, state, tail_in)
+        return y, [*mst["mem"].weights, *mst["mem"].momentum, mst["conv"]] + ([tail["k"], tail["v"]] if keep else [])
+
+    return hand_off(run, flat0, ctx.sp, op=f"{mixer.kind}_state")
+
+
 @register_mixer("mag")
 class TitansMAG(nn.Module):
     """Memory as a gate over sliding-window attention."""
-    supports_sp = False
+    supports_sp = True  # memory state and window tail handed rank to rank
+    kind = "mag"
     sp_layouts = ("contiguous",)
 
     @staticmethod
@@ -178,21 +215,29 @@ class TitansMAG(nn.Module):
         self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.o_proj = nn.Linear(cfg.n_heads * self.attn.head_dim, cfg.d_model, bias=False)
 
+    def _body(self, x_BLD, pos, mem_state, tail):
+        a, tail = self.attn.sliding(x_BLD, pos, self.window, tail)
+        m, mst = self.mem(x_BLD, mem_state)
+        return self.o_proj(self.attn_norm(a) * torch.sigmoid(self.mem_norm(m))), mst, tail
+
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mag")
+        _no_docs(ctx, "mag", sp_ok=True)
+        if ctx.sp is not None and ctx.sp.size > 1:
+            return _sp_with_tail(self, x_BLD, ctx, self._body)
         key = f"mag.{self.layer_idx}"
         st = ctx.state.get(key, {}) if ctx.carry else {}
         a, tail = self.attn.sliding(x_BLD, _positions(ctx, x_BLD.shape[1]), self.window, st.get("swa"))
         m, mst = self.mem(x_BLD, st.get("mem"))
         if ctx.carry:
-            ctx.state[key] = {"swa": tail, "mem": detach_state(mst)}
+            ctx.state[key] = {"swa": _detach_tail(tail), "mem": detach_state(mst)}
         return self.o_proj(self.attn_norm(a) * torch.sigmoid(self.mem_norm(m)))
 
 
 @register_mixer("mal")
 class TitansMAL(nn.Module):
     """Memory as a layer: sliding-window attention over the memory's output."""
-    supports_sp = False
+    supports_sp = True  # memory state and window tail handed rank to rank
+    kind = "mal"
     sp_layouts = ("contiguous",)
 
     @staticmethod
@@ -208,14 +253,21 @@ class TitansMAL(nn.Module):
         self.attn = _Attention(cfg)
         self.o_proj = nn.Linear(cfg.n_heads * self.attn.head_dim, cfg.d_model, bias=False)
 
+    def _body(self, x_BLD, pos, mem_state, tail):
+        m, mst = self.mem(x_BLD, mem_state)
+        a, tail = self.attn.sliding(m, pos, self.window, tail)
+        return self.o_proj(a), mst, tail
+
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mal")
+        _no_docs(ctx, "mal", sp_ok=True)
+        if ctx.sp is not None and ctx.sp.size > 1:
+            return _sp_with_tail(self, x_BLD, ctx, self._body)
         key = f"mal.{self.layer_idx}"
         st = ctx.state.get(key, {}) if ctx.carry else {}
         m, mst = self.mem(x_BLD, st.get("mem"))
         a, tail = self.attn.sliding(m, _positions(ctx, x_BLD.shape[1]), self.window, st.get("swa"))
         if ctx.carry:
-            ctx.state[key] = {"swa": tail, "mem": detach_state(mst)}
+            ctx.state[key] = {"swa": _detach_tail(tail), "mem": detach_state(mst)}
         return self.o_proj(a)
 
 

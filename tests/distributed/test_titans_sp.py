@@ -15,13 +15,14 @@ from longctx.parallel.groups import SPHandle
 T_PER_RANK, B = 8, 2
 
 
-def mixer(depth):
-    from longctx.memory.titans_mixers import TitansMemory
+def mixer(depth, kind="memory", window=5):
+    from longctx.model.mixers import MIXERS
     cfg = load_config("configs/tiny-cpu.yaml", ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2",
-                                                 "model.mixers=[memory]", f"model.memory.depth={depth}",
-                                                 "model.memory.chunk=4", "model.memory.max_lr=0.2"])
+                                                 f"model.mixers=[{kind}]", f"model.memory.depth={depth}",
+                                                 "model.memory.chunk=4", "model.memory.max_lr=0.2",
+                                                 f"model.memory.window={window}"])
     torch.manual_seed(0)
-    m = TitansMemory(cfg.model, 0).double()
+    m = MIXERS[kind](cfg.model, 0).double()
     with torch.no_grad():  # non-trivial start: conv and initial weights non-zero
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -33,8 +34,8 @@ def inputs(T):
     return torch.randn(B, T, 32, generator=g, dtype=torch.float64), torch.randn(B, T, 32, generator=g, dtype=torch.float64)
 
 
-def worker(rank, world, depth):
-    m = mixer(depth)
+def worker(rank, world, depth, kind="memory", window=5):
+    m = mixer(depth, kind, window)
     x, go = inputs(world * T_PER_RANK)
     sl = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
     xl = x[:, sl].clone().requires_grad_()
@@ -67,3 +68,25 @@ def test_memory_hand_off_exact(world, depth):
             assert torch.allclose(grads[n], p.grad, atol=1e-10, rtol=0), (r, n)
         assert comm.get("memory_state", 0) == (state_bytes if r > 0 else 0)
         assert comm.get("memory_state_grad", 0) == (state_bytes if r < world - 1 else 0)
+
+
+@pytest.mark.parametrize("kind, window", [("mag", 5), ("mal", 5), ("mag", 1), ("mal", 9)])
+@pytest.mark.parametrize("world", [2, 3])
+def test_mag_mal_hand_off_exact(world, kind, window):
+    """mag / mal: the memory state and the sliding window's last window-1 keys/values travel to
+    the next rank (window 9 > a shard of 8 is refused; smaller windows are exact)."""
+    m = mixer(2, kind, window)
+    x, go = inputs(world * T_PER_RANK)
+    x.requires_grad_()
+    y = m(x, SeqContext(positions=torch.arange(x.shape[1])[None].expand(B, -1)))
+    (y * go).sum().backward()
+    if window - 1 > T_PER_RANK:
+        with pytest.raises(Exception, match="at least model.memory.window - 1"):
+            run_world(world, worker, 2, kind, window)
+        return
+    for r, (yl, gx, grads, _) in enumerate(run_world(world, worker, 2, kind, window)):
+        sl = slice(r * T_PER_RANK, (r + 1) * T_PER_RANK)
+        assert torch.allclose(yl, y[:, sl].detach(), atol=1e-10, rtol=0), r
+        assert torch.allclose(gx, x.grad[:, sl], atol=1e-10, rtol=0), r
+        for n, p in m.named_parameters():
+            assert torch.allclose(grads[n], p.grad, atol=1e-10, rtol=0), (r, n)
