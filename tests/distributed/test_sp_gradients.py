@@ -46,29 +46,25 @@ def test_sp_gradients_equal_sp1_per_zero_stage(reference, world, extra, stage):
         assert rel < 1e-5, f"ZeRO-{stage} {extra}: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
 
 
-LANDMARK = ["model.mixers=[landmark,softmax]", "model.landmark_block=7"]
+# Other mixers under Ulysses SP=2 with ZeRO-2, each against its own one-process run.
+MIXER_CASES = {
+    # landmark layers: grouped softmax, landmarks inserted by the data pipeline
+    "landmark": ["model.mixers=[landmark,softmax]", "model.landmark_block=7"],
+    # Titans memory layers: the memory state handed rank to rank
+    "memory": ["model.mixers=[memory,softmax]", "model.memory.chunk=8", "data.seq_len=64",
+               "data.mask_documents=false"],
+    "mag": ["model.mixers=[mag]", "model.memory.chunk=8", "model.memory.window=6", "data.seq_len=64",
+            "data.mask_documents=false"],
+}
 
 
-def test_landmark_sp_gradients_equal_sp1(reference):
-    """Landmark layers (grouped softmax, landmarks inserted by the data pipeline) under Ulysses
-    SP=2 with ZeRO-2: every gradient equals one process's."""
+@pytest.mark.parametrize("case", sorted(MIXER_CASES))
+def test_mixer_sp_gradients_equal_sp1(reference, case):
     tmp, _ = reference
-    ref = grads(tmp, "lm_sp1", "python", 1, [*LANDMARK, "deepspeed.zero_stage=0"])
-    got = grads(tmp, "lm_sp2", "torchrun", 2, [*LANDMARK, "parallel.sp=2", "deepspeed.zero_stage=2"])
+    args = MIXER_CASES[case]
+    ref = grads(tmp, f"{case}_sp1", "python", 1, [*args, "deepspeed.zero_stage=0"])
+    got = grads(tmp, f"{case}_sp2", "torchrun", 2, [*args, "parallel.sp=2", "deepspeed.zero_stage=2"])
+    assert set(got) == set(ref)
     for n in ref:
         rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
-        assert rel < 1e-5, f"landmark SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
-
-
-MEMORY = ["model.mixers=[memory,softmax]", "model.memory.chunk=8", "data.seq_len=64", "data.mask_documents=false"]
-
-
-def test_memory_sp_gradients_equal_sp1(reference):
-    """Titans memory layers (state handed rank to rank) beside softmax layers under SP=2 with
-    ZeRO-2: every gradient equals one process's."""
-    tmp, _ = reference
-    ref = grads(tmp, "mem_sp1", "python", 1, [*MEMORY, "deepspeed.zero_stage=0"])
-    got = grads(tmp, "mem_sp2", "torchrun", 2, [*MEMORY, "parallel.sp=2", "deepspeed.zero_stage=2"])
-    for n in ref:
-        rel = float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
-        assert rel < 1e-5, f"memory SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
+        assert rel < 1e-5, f"{case} SP=2: gradient of {n} differs from SP=1 by {rel:.2e} (relative)"
