@@ -31,7 +31,7 @@ from longctx.kernels.flash import flash_attn
 from longctx.memory.titans import NeuralMemory, detach_state
 from longctx.model.layers import RMSNorm
 from longctx.model.mixers import register_mixer
-from longctx.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from longctx.model.rope import apply_rope, scaling_key
 
 Tensor = torch.Tensor
 
@@ -70,6 +70,7 @@ class _Attention(nn.Module):
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
         self.head_dim = hd = cfg.d_model // cfg.n_heads
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = scaling_key(cfg)
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * hd, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * hd, bias=cfg.attn_bias)
@@ -79,8 +80,9 @@ class _Attention(nn.Module):
         return t.view(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
 
     def rope(self, pos_L: Tensor, dtype) -> tuple:
-        inv = rope_inv_freq(self.head_dim, self.rope_theta, device=pos_L.device)
-        return rope_cos_sin(pos_L[None], inv, dtype)
+        """cos, sin with the model's RoPE settings (scaling included), as softmax attention."""
+        from longctx.model.transformer import SeqContext
+        return SeqContext(positions=pos_L[None]).rope(self.head_dim, self.rope_theta, dtype, self.rope_scaling)
 
     def sliding(self, x_BLD: Tensor, pos_L: Tensor, window: int, tail: Optional[dict]):
         """Sliding-window causal attention (keys i − window < j <= i) with the carried tail of

@@ -31,21 +31,14 @@ class LandmarkAttention(SoftmaxAttention):
         self.layer_idx = layer_idx
 
     def forward(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
-        B, L, _ = x_BLD.shape
-        q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = lambda q_, k_, v_: landmark_attn(q_, k_, v_, self.block)  # noqa: E731
         if ctx.carry and ctx.state.get("landmark_retrieval"):
             return self._retrieve(x_BLD, ctx)
+        q, k, v = self.project(x_BLD, ctx)
+        attn = lambda q_, k_, v_: landmark_attn(q_, k_, v_, self.block)  # noqa: E731
         if ctx.sp is not None and ctx.sp.size > 1:
             from longctx.parallel.ulysses import ulysses_apply
-            o = ulysses_apply(q, k, v, ctx.sp, attn)
-        else:
-            o = attn(q, k, v)
-        return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+            return self.merge(ulysses_apply(q, k, v, ctx.sp, attn))
+        return self.merge(attn(q, k, v))
 
     def _retrieve(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
         """Streaming inference: ctx.state["landmark_retrieval"] = dict(top_k=, compressed_positions=,
@@ -82,6 +75,7 @@ class LandmarkCache:
         self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
         self.cur_v: Optional[torch.Tensor] = None
         self.next_pos = 0
+        self._stacks: dict = {}  # name -> (groups stacked, tensor)
 
     @property
     def n_groups(self) -> int:
@@ -90,11 +84,9 @@ class LandmarkCache:
     def stacked(self, name: str) -> torch.Tensor:
         """(B, Hkv, groups, block, D) of the completed groups' keys or values (kept until the
         next group completes)."""
-        key = (name, self.n_groups)
-        if getattr(self, "_stack_key", {}).get(name) != key:
-            self._stack_key = {**getattr(self, "_stack_key", {}), name: key}
-            setattr(self, "_stack_" + name, torch.stack(getattr(self, name), 2))
-        return getattr(self, "_stack_" + name)
+        if self._stacks.get(name, (-1,))[0] != self.n_groups:
+            self._stacks[name] = (self.n_groups, torch.stack(getattr(self, name), 2))
+        return self._stacks[name][1]
 
     def store(self, x: torch.Tensor) -> torch.Tensor:
         return x.to("cpu") if self.offload else x
@@ -104,13 +96,8 @@ def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor) -> torch.Tensor:
     """RoPE of x at positions pos_L (L,), with the mixer's own rotary settings."""
     from longctx.model.transformer import SeqContext
     c = SeqContext(positions=pos_L.to(x_BHLD.device)[None])
-    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x_BHLD.dtype, *mixer_rope_args(mixer))
+    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x_BHLD.dtype, mixer.rope_scaling)
     return apply_rope(x_BHLD, cos, sin)
-
-
-def mixer_rope_args(mixer) -> tuple:
-    """Extra arguments SeqContext.rope takes for this mixer (its scaling, when configured)."""
-    return (mixer.rope_scaling,) if hasattr(mixer, "rope_scaling") else ()
 
 
 def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: LandmarkCache) -> torch.Tensor:
@@ -188,7 +175,7 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
     else:
         cache.cur_k, cache.cur_v = loc_k.detach(), loc_v.detach()
     cache.next_pos = p0 + n
-    return mixer.o_proj(o.view(B, H, n, D).transpose(1, 2).reshape(B, n, H * D))
+    return mixer.merge(o.view(B, H, n, D))
 
 
 def _rope_rows(mixer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -196,7 +183,7 @@ def _rope_rows(mixer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     from longctx.model.transformer import SeqContext
     flat = pos.reshape(-1)
     c = SeqContext(positions=flat.to(x.device)[None])
-    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x.dtype, *mixer_rope_args(mixer))
+    cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x.dtype, mixer.rope_scaling)
     cos, sin = cos[0, 0].view(*pos.shape, -1), sin[0, 0].view(*pos.shape, -1)
     return apply_rope(x, cos, sin)
 

@@ -33,17 +33,26 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
+    def project(self, x_BLD: torch.Tensor, ctx):
+        """q (B, H, L, D), k and v (B, Hkv, L, D), q and k rotated at ctx's positions with this
+        layer's RoPE settings (scaling included). Shared by the attention mixers built on this one."""
         B, L, _ = x_BLD.shape
-        q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope(self.head_dim, self.rope_theta, x_BLD.dtype, self.rope_scaling)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def merge(self, o_BHLD: torch.Tensor) -> torch.Tensor:
+        """Heads back to (B, L, d_model) through o_proj."""
+        B, H, L, D = o_BHLD.shape
+        return self.o_proj(o_BHLD.transpose(1, 2).reshape(B, L, H * D))
+
+    def forward(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
+        q, k, v = self.project(x_BLD, ctx)
         if ctx.sp is not None and ctx.sp.size > 1:
             pos, doc, meta = ctx.sp_meta()
-            o = sp_attention(q, k, v, ctx.sp, pos, doc, causal=True, meta=meta)
-            return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+            return self.merge(sp_attention(q, k, v, ctx.sp, pos, doc, causal=True, meta=meta))
         mask = ctx.causal_doc_mask()  # None when documents are not masked: plain causal path
         if self.n_kv_heads != self.n_heads:
             # SDPA's enable_gqa does not reach every CPU kernel; expanding K/V is exact and cheap here.
@@ -53,4 +62,4 @@ class SoftmaxAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+        return self.merge(o)

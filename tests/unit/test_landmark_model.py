@@ -12,10 +12,10 @@ from longctx.model.transformer import DecoderLM
 BLOCK, LM_ID = 5, 258
 
 
-def model(mixers):
+def model(mixers, extra=()):
     cfg = load_config("configs/tiny-cpu.yaml", ["model.d_model=64", "model.n_layers=2", "model.n_heads=4",
                                                  "model.n_kv_heads=2", f"model.mixers={mixers}",
-                                                 f"model.landmark_block={BLOCK}"])
+                                                 f"model.landmark_block={BLOCK}", *extra])
     torch.manual_seed(0)
     return DecoderLM(cfg.model).eval()
 
@@ -25,10 +25,15 @@ def stream_ids(n_regular, seed=0):
     return insert_landmarks(ids, BLOCK, LM_ID)
 
 
-@pytest.mark.parametrize("mixers", ["[landmark]", "[lightning,landmark]"])
+YARN = ("model.rope_scaling.rope_type=yarn", "model.rope_scaling.factor=4")
+
+
+@pytest.mark.parametrize("mixers, extra", [("[landmark]", ()), ("[lightning,landmark]", ()), ("[landmark]", YARN)],
+                         ids=["landmark", "hybrid", "landmark-yarn"])
 @pytest.mark.parametrize("compressed", [False, True])
-def test_stream_with_all_blocks_equals_full_forward(mixers, compressed):
-    m = model(mixers)
+def test_stream_with_all_blocks_equals_full_forward(mixers, extra, compressed):
+    """(With YaRN both paths must rotate with the scaled frequencies and attention factor.)"""
+    m = model(mixers, extra)
     ids = stream_ids(37)  # 7 full groups and a partial one
     with torch.no_grad():
         full = m.hidden(torch.as_tensor(ids)[None], None or _ctx(len(ids)))
