@@ -110,6 +110,10 @@ class ParallelConfig:
     sp: int = 1
     # Softmax attention under SP: sp = sp_ulysses x sp_ring. 0 = derive: Ulysses alone when
     # only sp is set, or sp / the other degree when one of them is set.
+    # passkey: which tokens carry a loss. answer = only the key after the question (the task);
+    # all = every prompt token too (filler, and the key sentence's second copy of the key, which
+    # teaches copying at short range first: a small model learns the task much sooner).
+    passkey_targets: str = "answer"
     sp_ulysses: int = 0
     sp_ring: int = 0
     # How the sequence is split: auto = zigzag when a ring is used and every mixer allows it,
@@ -193,6 +197,7 @@ CHOICES = {
     "model.rope_scaling.rope_type": ("default", "linear", "dynamic", "yarn", "llama3"),
 }
 
+    "data.passkey_targets": ("answer", "all"),
 
 def _default(f) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default

@@ -63,30 +63,46 @@ class LandmarkCache:
     what top-k selection reads); their block keys and values live on `store` (host memory
     with offload) and only the k retrieved blocks per head travel to the device. The current,
     unfinished group's keys and values are kept whole. Keys are kept before RoPE, so retrieved
-    blocks can be given compressed positions."""
+    blocks can be given compressed positions.
 
-    def __init__(self, block: int, top_k: int, compressed_positions: bool = True, offload: bool = False):
+    Completed groups go into buffers that double when full, so appending a group costs O(1)
+    amortised and reading all of them is a view (a list re-stacked per group would copy the
+    whole cache every group: quadratic in the input length). `capacity` (groups), when the
+    input length is known up front, sizes them once: no regrowth copies."""
+
+    def __init__(self, block: int, top_k: int, compressed_positions: bool = True, offload: bool = False,
+                 capacity: int = 0):
         if top_k < 1:
             raise ValueError(f"landmark retrieval top_k={top_k}: use k >= 1 (the paper uses 4-5)")
         self.block, self.top_k, self.compressed, self.offload = block, top_k, compressed_positions, offload
-        self.lm_k: List[torch.Tensor] = []  # (B, Hkv, D) per completed group
-        self.blk_k: List[torch.Tensor] = []  # (B, Hkv, block, D) per completed group, on the store
-        self.blk_v: List[torch.Tensor] = []
+        self.capacity = int(capacity)
+        self._buf: dict = {}  # name -> (B, Hkv, capacity, ...) buffer; lm_k on device, blk_k/blk_v on the store
+        self.n_groups = 0
         self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
         self.cur_v: Optional[torch.Tensor] = None
         self.next_pos = 0
-        self._stacks: dict = {}  # name -> (groups stacked, tensor)
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.lm_k)
 
     def stacked(self, name: str) -> torch.Tensor:
-        """(B, Hkv, groups, block, D) of the completed groups' keys or values (kept until the
-        next group completes)."""
-        if self._stacks.get(name, (-1,))[0] != self.n_groups:
-            self._stacks[name] = (self.n_groups, torch.stack(getattr(self, name), 2))
-        return self._stacks[name][1]
+        """The completed groups' landmark keys "lm_k" (B, Hkv, groups, D), or block keys / values
+        "blk_k" / "blk_v" (B, Hkv, groups, block, D) on the store: views, no copy."""
+        if name not in ("lm_k", "blk_k", "blk_v"):
+            raise ValueError(f"LandmarkCache.stacked({name!r}): use 'lm_k', 'blk_k' or 'blk_v'")
+        if self.n_groups == 0:
+            raise ValueError("LandmarkCache.stacked: no group has completed yet (check n_groups first)")
+        return self._buf[name][:, :, :self.n_groups]
+
+    def append(self, lm_k: torch.Tensor, blk_k: torch.Tensor, blk_v: torch.Tensor) -> None:
+        """Close a group: its landmark key (B, Hkv, D) and block keys / values (B, Hkv, block, D)."""
+        for name, x in (("lm_k", lm_k), ("blk_k", self.store(blk_k)), ("blk_v", self.store(blk_v))):
+            buf = self._buf.get(name)
+            if buf is None or buf.shape[2] == self.n_groups:  # full: double (start at 16 groups)
+                cap = max(16, 2 * self.n_groups, self.capacity)
+                new = x.new_empty(x.shape[:2] + (cap,) + x.shape[2:])
+                if buf is not None:
+                    new[:, :, :self.n_groups] = buf
+                self._buf[name] = buf = new
+            buf[:, :, self.n_groups] = x
+        self.n_groups += 1
 
     def store(self, x: torch.Tensor) -> torch.Tensor:
         return x.to("cpu") if self.offload else x
@@ -132,7 +148,7 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
     s_loc = s_loc.masked_fill(loc_pos[None, :].to(q.device) > pos[:, None].to(q.device), -math.inf)
     out = None
     if n_sel:
-        lmk = torch.stack(cache.lm_k, 2)  # (B, Hkv, Gr, D)
+        lmk = cache.stacked("lm_k")  # (B, Hkv, Gr, D)
         Gr = lmk.shape[2]
         if cache.compressed:  # select by content: every landmark scored at one relative distance
             lm_sel_pos = torch.full((Gr,), base - 1)
@@ -168,9 +184,7 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
     o = o_loc if out is None else o_loc + out
     # the open group grows; a landmark closes it
     if bool(is_lm[-1]):
-        cache.lm_k.append(k[:, :, -1].detach())
-        cache.blk_k.append(cache.store(loc_k.detach()))
-        cache.blk_v.append(cache.store(loc_v.detach()))
+        cache.append(k[:, :, -1].detach(), loc_k.detach(), loc_v.detach())
         cache.cur_k = cache.cur_v = None
     else:
         cache.cur_k, cache.cur_v = loc_k.detach(), loc_v.detach()
@@ -225,16 +239,21 @@ class RetrievalStream:
 
     @torch.no_grad()
     def feed(self, stream_ids: np.ndarray) -> torch.Tensor:
-        """Feed ids already in the landmark layout (continuing at self.pos); returns the final
-        hidden states (1, n, D) of the fed tokens."""
+        """Feed ids already in the landmark layout (continuing at self.pos): (n,) for one row or
+        (B, n) for B rows in step (every row at the same positions; each row and head picks its
+        own top-k blocks). Returns the final hidden states (B, n, D) of the fed tokens."""
         from longctx.model.transformer import SeqContext
         W = self.block + 1
         ids = torch.as_tensor(np.asarray(stream_ids, dtype=np.int64))
-        outs, a = [], 0
-        while a < len(ids):
-            b = min(len(ids), a + W - (self.pos % W))  # up to the end of the open group
-            ctx = SeqContext(positions=torch.arange(self.pos, self.pos + b - a)[None], state=self.state, carry=True)
-            outs.append(self.model.hidden(ids[a:b][None], ctx))
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2:
+            raise ValueError(f"RetrievalStream.feed: ids of shape {tuple(ids.shape)}; pass (n,) or (rows, n)")
+        B, outs, a = ids.shape[0], [], 0
+        while a < ids.shape[1]:
+            b = min(ids.shape[1], a + W - (self.pos % W))  # up to the end of the open group
+            ctx = SeqContext(positions=torch.arange(self.pos, self.pos + b - a)[None].expand(B, -1),
+                             state=self.state, carry=True)
+            outs.append(self.model.hidden(ids[:, a:b], ctx))
             self.pos += b - a
             a = b
         h = torch.cat(outs, 1)
@@ -242,18 +261,35 @@ class RetrievalStream:
         return h
 
     @torch.no_grad()
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: Optional[int] = None) -> List[int]:
-        """Greedy continuation of regular prompt ids (landmarks inserted on the way)."""
-        self.feed(insert_landmarks(prompt_ids, self.block, self.landmark_id, self.pos))
-        W, out = self.block + 1, []
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: Optional[int] = None):
+        """Greedy continuation of regular prompt ids (landmarks inserted on the way).
+
+        prompt_ids (Lp,) -> List[int]; (B, Lp) -> B lists, the rows decoded in step (same
+        prompt length: group prompts by length), each exactly as it would be alone. A row
+        stops at eos_id; the others go on."""
+        rows = np.asarray(prompt_ids, dtype=np.int64)
+        single = rows.ndim == 1
+        rows = rows[None] if single else rows
+        if self.pos == 0:  # the caches are sized for the whole input (plus landmarks) at once
+            total = rows.shape[1] + max_new_tokens + 1
+            self.state["landmark_retrieval"]["capacity"] = total // self.block + 1
+        self.feed(np.stack([insert_landmarks(r, self.block, self.landmark_id, self.pos) for r in rows]))
+        W = self.block + 1
         if self.pos % W == self.block:  # the prompt filled a group: its landmark comes next
-            self.feed(np.asarray([self.landmark_id]))
+            self.feed(np.full((len(rows), 1), self.landmark_id))
+        out: List[List[int]] = [[] for _ in rows]
+        done = np.zeros(len(rows), dtype=bool)
         for _ in range(max_new_tokens):
-            logits = torch.nn.functional.linear(self.last_hidden[0], self.model.head_weight)
-            t = int(logits.argmax())
-            if eos_id is not None and t == eos_id:
+            logits = torch.nn.functional.linear(self.last_hidden, self.model.head_weight)  # (B, V)
+            t = logits.argmax(-1).numpy()
+            for i, ti in enumerate(t.tolist()):
+                done[i] |= eos_id is not None and ti == eos_id
+                if not done[i]:
+                    out[i].append(ti)
+            if done.all():
                 break
-            out.append(t)
-            nxt = [t] + ([self.landmark_id] if (self.pos + 1) % W == self.block else [])
-            self.feed(np.asarray(nxt))
-        return out
+            nxt = t[:, None]
+            if (self.pos + 1) % W == self.block:
+                nxt = np.concatenate([nxt, np.full((len(rows), 1), self.landmark_id)], 1)
+            self.feed(nxt)
+        return out[0] if single else out

@@ -740,15 +740,19 @@ class PasskeySampler(_StepSampler):
     """Passkey-retrieval training samples; a deterministic function of (seed, step).
 
     Sample g uses rng = default_rng([seed, g]): depth ~ U[0, 1], then a prompt + answer of at
-    most seq_len + 1 tokens, right-padded with pad_id. Only answer tokens carry labels.
+    most seq_len + 1 tokens, right-padded with pad_id. Only answer tokens carry labels, or
+    every real token with targets='all' (landmarks and padding never do).
     """
 
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
-                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0, landmark_id: int = -1):
+                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0, landmark_id: int = -1,
+                 targets: str = "answer"):
         super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses,
                          landmark_block, landmark_id)
-        self.tokenizer = _as_tokenizer(tokenizer)
+        if targets not in ("answer", "all"):
+            raise ValueError(f"data.passkey_targets={targets!r}: use 'answer' (the key only) or 'all' (every token)")
+        self.tokenizer, self.targets = _as_tokenizer(tokenizer), targets
 
     def sample(self, g: int) -> dict:
         """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth."""
@@ -760,7 +764,7 @@ class PasskeySampler(_StepSampler):
         n_p, n_a = s["prompt_ids"].size, s["answer_ids"].size
         ids[:n_p], ids[n_p:n_p + n_a] = s["prompt_ids"], s["answer_ids"]
         target = np.zeros(n + 1, dtype=bool)
-        target[n_p:n_p + n_a] = True  # only the answer is learnt
+        target[1 if self.targets == "all" else n_p:n_p + n_a] = True  # the answer (or every real token)
         if self.landmark_block:  # insert landmarks; they are never targets here
             W = self.landmark_block + 1
             p = np.arange(self.seq_len + 1)
@@ -810,7 +814,8 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
         prefix = ensure_synthetic_token_file(cache, data_cfg.seed, data_cfg.synthetic_tokens)
         return PackedSampler(prefix, sp_rank=sp_rank, sp_size=sp_size, **common), tok.vocab_size
     if kind == "passkey":
-        return PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, **common), tok.vocab_size
+        return PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets,
+                              **common), tok.vocab_size
     raise ValueError(f"data.kind={kind!r} is unknown: use 'tokens', 'synthetic' or 'passkey'")
 
 

@@ -381,12 +381,27 @@ def test_passkey_sampler_labels_only_answer():
         assert torch.equal(torch.cat([sh[k] for sh in shards], 1), b[k])
 
 
+def test_passkey_sampler_targets_all_labels_every_real_token():
+    only = D.PasskeySampler(TOK, seq_len=300, micro_batch_size=2, seed=5)
+    every = D.PasskeySampler(TOK, seq_len=300, micro_batch_size=2, seed=5, targets="all")
+    a, b = only.batch(0), every.batch(0)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    ids, labels = b["input_ids"], b["labels"]
+    real = torch.cat([ids[:, 1:], torch.full((2, 1), TOK.pad_id)], 1) != TOK.pad_id  # next token is not padding
+    assert torch.equal(labels != -100, real)
+    assert torch.equal(labels[:, :-1][real[:, :-1]], ids[:, 1:][real[:, :-1]])
+    kept = a["labels"] != -100  # the answer is labelled the same in both
+    assert torch.equal(a["labels"][kept], labels[kept])
+    with pytest.raises(ValueError, match="passkey_targets='some'"):
+        D.PasskeySampler(TOK, seq_len=300, micro_batch_size=2, seed=5, targets="some")
+
+
 # ------------------------------------------------------------------------------- make_sampler
 
 
 def _cfg(**kw):
     base = dict(kind="synthetic", path=None, tokenizer="byte", seq_len=32, micro_batch_size=2,
-                seed=3, synthetic_tokens=4000, cache_dir=None)
+                seed=3, synthetic_tokens=4000, cache_dir=None, passkey_targets="answer")
     base.update(kw)
     return SimpleNamespace(**base)
 

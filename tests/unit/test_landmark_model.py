@@ -53,8 +53,9 @@ def test_offloaded_cache_and_small_k_keep_memory_bounded():
     s = RetrievalStream(m, BLOCK, LM_ID, top_k=2, offload=True)
     s.feed(ids)
     cache = s.state["landmark_cache_0"]
-    assert cache.n_groups == 11 and all(b.device.type == "cpu" for b in cache.blk_k)  # the 12th landmark has not come
-    assert cache.blk_k[0].shape == (1, 2, BLOCK, 16)  # block K/V kept per group, landmark keys apart
+    assert cache.n_groups == 11 and cache.stacked("blk_k").device.type == "cpu"  # the 12th landmark has not come
+    assert cache.stacked("blk_k").shape == (1, 2, 11, BLOCK, 16)  # block K/V kept per group, landmark keys apart
+    assert cache.stacked("lm_k").shape == (1, 2, 11, 16)
     out = s.generate(np.arange(10) % 256, 4)
     assert len(out) == 4 and all(0 <= t < 320 for t in out)
 
@@ -73,6 +74,25 @@ def test_generate_inserts_landmarks_and_matches_full_greedy():
             logits = m(torch.as_tensor(ids)[None])[0, -1]
         regular.append(int(logits.argmax()))
     assert got == regular[len(prompt):]
+
+
+def test_batched_generation_equals_each_row_alone_and_cache_regrows():
+    """Rows decoded in step (each row and head picks its own blocks) give what each row gives
+    alone; 130 regular tokens = 26 groups also make the cache outgrow its first 16 slots when no
+    capacity is known (feed), with the same result as a cache sized up front (generate)."""
+    m = model("[landmark]")
+    rows = np.random.default_rng(2).integers(0, 256, size=(3, 130))
+    s = RetrievalStream(m, BLOCK, LM_ID, top_k=2)
+    together = s.generate(rows, 5)
+    assert s.state["landmark_cache_0"].capacity >= s.state["landmark_cache_0"].n_groups > 16
+    for r, got in zip(rows, together):
+        assert RetrievalStream(m, BLOCK, LM_ID, top_k=2).generate(r, 5) == got
+    grown = RetrievalStream(m, BLOCK, LM_ID, top_k=2)
+    h = grown.feed(insert_landmarks(rows[0], BLOCK, LM_ID))
+    assert grown.state["landmark_cache_0"].capacity == 0 and grown.state["landmark_cache_0"].n_groups > 16
+    sized = RetrievalStream(m, BLOCK, LM_ID, top_k=2)
+    sized.state["landmark_retrieval"]["capacity"] = 40
+    assert torch.equal(sized.feed(insert_landmarks(rows[0], BLOCK, LM_ID)), h)
 
 
 def test_bad_use():
