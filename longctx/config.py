@@ -82,6 +82,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Memory-lean step (docs/training.md, "Memory-lean step"). loss_chunk: tokens per chunk of
+    # the fused head + cross-entropy (kernels/linear_ce.py; logits never exist for the whole
+    # sequence), 0 = plain logits. mlp_tile: tokens per tile of the SwiGLU, recomputed in
+    # backward (the (L, ffn_hidden) intermediates exist for one tile), 0 = plain.
+    # offload_activations: with activation_checkpointing, keep each block's input in host memory.
+    loss_chunk: int = 0
+    mlp_tile: int = 0
+    offload_activations: bool = False
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # Landmark attention (mixer `landmark`): a landmark token follows every landmark_block
     # regular tokens; the data pipeline inserts them when a layer uses the mixer.
@@ -102,6 +110,10 @@ class DataConfig:
     mask_documents: bool = False
     synthetic_tokens: int = 4_000_000
     cache_dir: Optional[str] = None
+    # passkey: which tokens carry a loss. answer = only the key after the question (the task);
+    # all = every prompt token too (filler, and the key sentence's second copy of the key, which
+    # teaches copying at short range first: a small model learns the task much sooner).
+    passkey_targets: str = "answer"
 
 
 @dataclass
@@ -110,10 +122,6 @@ class ParallelConfig:
     sp: int = 1
     # Softmax attention under SP: sp = sp_ulysses x sp_ring. 0 = derive: Ulysses alone when
     # only sp is set, or sp / the other degree when one of them is set.
-    # passkey: which tokens carry a loss. answer = only the key after the question (the task);
-    # all = every prompt token too (filler, and the key sentence's second copy of the key, which
-    # teaches copying at short range first: a small model learns the task much sooner).
-    passkey_targets: str = "answer"
     sp_ulysses: int = 0
     sp_ring: int = 0
     # How the sequence is split: auto = zigzag when a ring is used and every mixer allows it,
@@ -189,6 +197,7 @@ class Config:
 
 CHOICES = {
     "data.kind": ("tokens", "synthetic", "passkey"),
+    "data.passkey_targets": ("answer", "all"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.layout": ("auto", "contiguous", "zigzag"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -197,7 +206,6 @@ CHOICES = {
     "model.rope_scaling.rope_type": ("default", "linear", "dynamic", "yarn", "llama3"),
 }
 
-    "data.passkey_targets": ("answer", "all"),
 
 def _default(f) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
@@ -378,6 +386,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _need(name in MIXERS, f"model.mixers: unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
     validate_memory(m)
     validate_rope_scaling(m)
+    validate_lean(m)
     _need(m.sliding_window is None or m.max_seq_len <= m.sliding_window,
           f"model.max_seq_len={m.max_seq_len} exceeds model.sliding_window={m.sliding_window}: sliding-window "
           f"attention is not implemented (full causal attention equals it only up to the window); set "
@@ -443,6 +452,17 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
     _need(not ds.offload_param or ds.zero_stage == 3,
           f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+
+
+def validate_lean(m) -> None:
+    """model.loss_chunk / mlp_tile / offload_activations (the memory-lean step)."""
+    for key, what in (("loss_chunk", "tokens per chunk of the fused head + cross-entropy, e.g. 4096"),
+                      ("mlp_tile", "tokens per tile of the MLP, e.g. 8192")):
+        v = m[key]
+        _need(v >= 0, f"model.{key}={v} must be >= 0: 0 for the plain path, or {what}")
+    _need(not m.offload_activations or m.activation_checkpointing,
+          "model.offload_activations=true needs model.activation_checkpointing=true (what is offloaded is "
+          "each checkpointed block's input): set both, or offload_activations=false")
 
 
 def validate_rope_scaling(m) -> None:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from longctx.kernels.linear_ce import linear_cross_entropy
 from longctx.model.layers import RMSNorm, SwiGLU, llama_ffn_hidden
 from longctx.model.mixers import build_mixer, layer_mixers
 from longctx.model.rope import rope_cos_sin, rope_params
@@ -90,7 +91,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(mixer, cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden or llama_ffn_hidden(cfg.d_model))
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden or llama_ffn_hidden(cfg.d_model),
+                          tile=getattr(cfg, "mlp_tile", 0))
 
     def forward(self, x_BLD: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         x = x_BLD + self.mixer(self.attn_norm(x_BLD), ctx)
@@ -107,6 +109,8 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = bool(cfg.activation_checkpointing)
+        self.offload_activations = bool(getattr(cfg, "offload_activations", False))
+        self.loss_chunk = int(getattr(cfg, "loss_chunk", 0))
         self.reset_parameters(cfg.init_std, cfg.n_layers)
 
     def reset_parameters(self, std: float, n_layers: int) -> None:
@@ -129,7 +133,10 @@ class DecoderLM(nn.Module):
         x = self.embed(input_ids_BL)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                if self.offload_activations:  # the checkpoint keeps x_host, not x
+                    x = checkpoint(_run_onloaded, layer, offload_to_host(x), ctx, x.device, use_reentrant=False)
+                else:
+                    x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
         return self.norm(x)
@@ -137,7 +144,8 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids_BL: torch.Tensor, ctx: Optional[SeqContext] = None,
                 labels_BL: Optional[torch.Tensor] = None):
         """Logits (B, L, V) without labels; with labels, (sum of token cross-entropies, number
-        of target tokens), labels -100 ignored.
+        of target tokens), labels -100 ignored. With model.loss_chunk > 0 the loss goes through
+        the fused chunked head + cross-entropy (kernels/linear_ce.py): no (B, L, V) logits.
 
         The sum and the count (not the mean) let the trainer form the exact global mean over
         data- and sequence-parallel ranks and micro-batches. Training goes through forward (not
@@ -145,6 +153,8 @@ class DecoderLM(nn.Module):
         if ctx is None:
             ctx = default_context(input_ids_BL)
         h = self.hidden(input_ids_BL, ctx)
+        if labels_BL is not None and self.loss_chunk:
+            return linear_cross_entropy(h, self.head_weight, labels_BL, self.loss_chunk, ignore_index=-100)
         logits = F.linear(h, self.head_weight)
         if labels_BL is None:
             return logits
@@ -152,6 +162,34 @@ class DecoderLM(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels_BL.reshape(-1),
                                ignore_index=-100, reduction="sum")
         return loss, (labels_BL != -100).sum()
+
+
+class _ToHost(torch.autograd.Function):
+    """x -> a host copy (pinned, asynchronous on CUDA); the gradient goes back to x's device.
+    On a CPU tensor the "copy" is x itself (a view), so the CPU runs the same code path."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        if x.device.type == "cpu":
+            return x.view_as(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+        return out.copy_(x, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.device, non_blocking=True)
+
+
+def offload_to_host(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable copy of x in host memory (x itself, as a view, when x is on the CPU)."""
+    return _ToHost.apply(x)
+
+
+def _run_onloaded(layer: nn.Module, x_host: torch.Tensor, ctx: SeqContext, device: torch.device) -> torch.Tensor:
+    """A block on its input brought back from host memory: what an offloaded checkpoint runs
+    (and reruns in backward), so only x_host stays referenced between forward and backward."""
+    return layer(x_host.to(device, non_blocking=True), ctx)
 
 
 def default_context(input_ids_BL: torch.Tensor) -> SeqContext:

@@ -58,6 +58,31 @@ def device_memory(device: torch.device) -> Dict[str, float]:
     return out
 
 
+def peak_tensor_bytes(fn, device: torch.device = torch.device("cpu")):
+    """(fn(), peak bytes of tensor memory allocated while fn runs, above what was allocated when
+    it started). CUDA: the caching allocator's peak statistics. CPU: torch's allocator events as
+    the profiler records them (exact bytes of every tensor allocation and free, in order; the
+    profiler slows fn down, so use it for measurements, not inside training)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted([(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU],
+                    key=lambda ev: ev[0])  # stable: equal timestamps keep the recorded order
+    cur = peak = 0
+    for _, nbytes in events:  # allocations positive, frees negative
+        cur += nbytes
+        peak = max(peak, cur)
+    return out, peak
+
+
 class JsonlLog:
     """Append-only metrics log. On resume, records past the resumed step are dropped (they
     belong to steps that will be run again), by an atomic rewrite."""
