@@ -1,6 +1,8 @@
 """`longctx` command line: train | eval | extend | plot | data | info (plan arrives with its issue).
 
 Errors that a user can fix (config, data, checkpoints) print one line, `error: ...`, and exit 2.
+A collective that failed because a peer rank died or hung prints one line on each rank that saw
+it and exits 3 (train/faults.py); the run continues with `--resume auto`.
 """
 from __future__ import annotations
 
@@ -227,6 +229,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if _rank() == 0 or not agreed:
             print(f"error: {'' if _rank() == 0 else f'[rank {_rank()}] '}{exc}", file=sys.stderr)
         code = 2
+    except Exception as exc:  # noqa: BLE001 - only a collective that lost a peer is turned into one line
+        from longctx.train import faults
+        line = faults.describe_failure(exc)
+        if line is None or os.environ.get("LONGCTX_DEBUG"):
+            raise
+        print(f"error: [rank {_rank()}] {line}", file=sys.stderr)
+        code = faults.EXIT_PEER_LOST
     finally:
         try:
             import torch.distributed as dist

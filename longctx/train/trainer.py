@@ -22,6 +22,7 @@ from longctx.config import ConfigError, deepspeed_config, model_signature, sp_de
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
 from longctx.parallel.groups import build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
+from longctx.train import faults
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
 
@@ -32,6 +33,9 @@ _INJECT_NAN_GRAD_STEP = int(os.environ.get("LONGCTX_INJECT_NAN_GRAD_STEP", "-1")
 # Test hook: after the first step's backward, rank 0 saves every parameter's full gradient
 # (gathered from ZeRO partitions) to this path; compares SP and ZeRO stages against SP=1.
 _DUMP_GRADS = os.environ.get("LONGCTX_DUMP_GRADS")
+# Test hook: sleep this many seconds at the start of every step, so that a signal or a kill
+# lands mid-run at a known step (tests/distributed/test_faults.py).
+_INJECT_STEP_SLEEP = float(os.environ.get("LONGCTX_INJECT_STEP_SLEEP", "0"))
 
 
 class _NanGrad(torch.autograd.Function):
@@ -175,7 +179,14 @@ def grad_divisor(engine) -> float:
 
 
 def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
-    """Run (or resume) training as configured. Every rank calls this."""
+    """Run (or resume) training as configured. Every rank calls this. The first SIGTERM or
+    SIGINT stops the run after the current step, on every rank, with a checkpoint
+    (train/faults.py); the handlers are restored on return."""
+    with faults.StopGuard() as guard:
+        return _train(cfg, resume, guard)
+
+
+def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> TrainResult:
     _quiet_deepspeed()
     import deepspeed  # after DS_ACCELERATOR is set
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -239,6 +250,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg, mpu=mesh,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), dist_init_required=False)
     divisor = grad_divisor(engine)
+    guard.arm(ckpt_root, cfg.parallel.timeout_s)  # every group (mesh, DeepSpeed's) gets the timeout
 
     # Per-rank RNG streams differ (seeded by rank) for anything stochastic in the step.
     torch.manual_seed(t.seed + 1 + rank)
@@ -283,6 +295,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
     engine.train()
     t_last = time.perf_counter()
     for step in range(start_step, end_step):
+        if _INJECT_STEP_SLEEP:
+            time.sleep(_INJECT_STEP_SLEEP)
         batches = [sampler.batch(step, micro=m, grad_accum=ga) for m in range(ga)]
         n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_global = _allreduce([n_local], device)[0]
@@ -336,7 +350,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
         if bar is not None:
             bar.update(1)
         done = step + 1
-        if done % c.every == 0 or (done == end_step and c.save_final):
+        stop = guard.agree(device)  # SIGTERM/SIGINT on any rank: all stop after this step, with a checkpoint
+        if done % c.every == 0 or (done == end_step and c.save_final) or stop:
             meta = {"step": done, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
                     "zero_stage": cfg.deepspeed.zero_stage, "model": model_signature(cfg),
                     "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind", "micro_batch_size")},
@@ -346,6 +361,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> TrainResult:
             if rank == 0 and t.plot:
                 plot_loss(read_jsonl(log.path), os.path.join(run_dir, "loss.png"), title=os.path.basename(run_dir))
             t_last = time.perf_counter()  # keep checkpoint time out of tokens/s
+        if stop and done < end_step:
+            _log0(f"stopped after step {done} on {stop[0]} (rank {stop[1]}): checkpoint {last_good}; "
+                  f"continue with --resume auto")
+            end_step = done
+            break
     if bar is not None:
         bar.close()
     if rank == 0 and t.plot and os.path.exists(log.path):
