@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
                          "or --hf DIR (a Hugging Face model folder)")
     from longctx.eval.lm import load_eval_model, load_hf_eval_model
     if args.hf:
-        model, tok, cfg, name = load_hf_eval_model(args.hf, args.overrides)
+        model, tok, cfg, name = load_hf_eval_model(args.hf, args.overrides, args.retrieval_k)
     else:
         model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides, args.retrieval_k)
     lead = _rank() == 0

@@ -138,16 +138,40 @@ class LMEval:
 
     def nll_per_token(self, ids: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """-log p(ids[t+1] | ids[:t+1]) for t < len(ids) - 1, float64 (len(ids) - 1,). Logits are
-        formed chunk by chunk (never the whole (L, vocab) matrix)."""
+        formed chunk by chunk (never the whole (L, vocab) matrix).
+
+        Landmark models read ids in the landmark layout (a landmark after every block regular
+        tokens, as in training): each regular token is predicted from the position just before
+        it, which is the landmark when one precedes it; landmarks themselves are not scored, so
+        the count (and the perplexity's meaning) is that of a plain model. With retrieval_k the
+        layout streams through the block cache (top-k blocks per head)."""
         if self.landmark_block:
-            raise ValueError("perplexity of landmark models is not measured yet (landmark positions would need "
-                             "their own treatment); use passkey or niah")
+            return self._nll_landmark(np.asarray(ids, dtype=np.int64), chunk)
         T = len(ids) - 1
         h, pos = self._hidden(ids[:-1])
         return self._nll(h, pos, ids, T, chunk)
 
+    def _nll_landmark(self, ids: np.ndarray, chunk: int) -> np.ndarray:
+        from longctx.model.landmark import RetrievalStream, insert_landmarks
+        B, W = self.landmark_block, self.landmark_block + 1
+        lay = insert_landmarks(ids, B, self.landmark_id)  # never ends with a landmark
+        n = len(lay) - 1  # input positions 0..n-1; position p predicts lay[p + 1]
+        scored = (np.arange(1, n + 1) % W) != B  # the next position holds a regular token
+        if self.retrieval_k:
+            if self.sp is not None:
+                raise ValueError("retrieval inference runs on one rank: launch one process for --retrieval-k")
+            h = RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k).feed(lay[:-1])
+            pos = torch.arange(n)
+        else:
+            h, pos = self._hidden(lay[:-1])
+        nll = self._nll(h, pos, lay, n, chunk)
+        out = nll[scored]
+        assert out.size == len(ids) - 1
+        return out
+
     @torch.no_grad()
     def _nll(self, h, pos, ids, T: int, chunk: int) -> np.ndarray:
+        """Per-position -log p(ids[p + 1]) for positions 0..T-1 (h, pos: this rank's shard)."""
         target = torch.as_tensor(np.asarray(ids, dtype=np.int64))[1:]
         real = pos < T
         nll = torch.zeros(len(pos), dtype=torch.float64)
@@ -191,12 +215,13 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None, retrieval_
     return _eval_model(cfg, weights, name, retrieval_k)
 
 
-def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None):
-    """(LMEval, tokenizer, cfg, name) for a Hugging Face model folder (see model/hf.py); its
-    tokenizer.json when present, else the byte tokenizer."""
+def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None, retrieval_k: int = 0):
+    """(LMEval, tokenizer, cfg, name) for a Hugging Face model folder or one in our own format
+    (landmark / hybrid models: model/hf.py save_native); its tokenizer.json when present, else
+    the byte tokenizer. retrieval_k: landmark models retrieve the top-k blocks (0: exact)."""
     from longctx.config import load_config
     from longctx.model import hf
-    mcfg = hf.model_config(hf.read_hf_config(folder), folder)
+    mcfg = hf.folder_model_config(folder)
     tok = os.path.join(folder, "tokenizer.json")
     base = {"model": mcfg, "data": {"seq_len": min(256, mcfg["max_seq_len"]),
                                     "tokenizer": tok if os.path.isfile(tok) else "byte"}}
@@ -205,8 +230,16 @@ def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None):
     if world > 1 and not any(o.startswith("parallel.sp=") for o in over):
         over.append(f"parallel.sp={world}")
     cfg = load_config(base=base, overrides=over)
+    saved_id = hf.folder_landmark_id(folder)
+    if saved_id is not None:
+        from longctx.train.data import load_tokenizer
+        tok_id = load_tokenizer(cfg.data.tokenizer).landmark_id
+        if tok_id != saved_id:
+            raise ValueError(f"{folder}: the model was trained with landmark_id={saved_id} but its tokenizer "
+                             f"({cfg.data.tokenizer}) reserves {tok_id}: the folder's tokenizer files do not "
+                             f"belong to this model")
     return _eval_model(cfg, lambda model: hf.load_hf_weights(model, folder),
-                       f"hf:{os.path.basename(os.path.abspath(folder))}")
+                       f"hf:{os.path.basename(os.path.abspath(folder))}", retrieval_k)
 
 
 def _eval_model(cfg, load_weights, name: str, retrieval_k: int = 0):

@@ -206,9 +206,10 @@ def load_hf_weights(model, folder: str) -> None:
 
 
 def from_pretrained(folder: str, dtype: torch.dtype = torch.float32):
-    """(DecoderLM in eval mode, validated model config node) from a local Hugging Face folder."""
+    """(DecoderLM in eval mode, validated model config node) from a local Hugging Face folder
+    or a folder in our own format (save_native)."""
     from longctx.model.transformer import DecoderLM
-    cfg = _validated_model_cfg(model_config(read_hf_config(folder), folder))
+    cfg = _validated_model_cfg(folder_model_config(folder))
     model = DecoderLM(cfg)
     load_hf_weights(model, folder)
     return model.to(dtype).eval(), cfg
@@ -217,13 +218,26 @@ def from_pretrained(folder: str, dtype: torch.dtype = torch.float32):
 def check_matches(model_cfg, folder: str) -> None:
     """For init.from_hf: model.* shapes must be those of the folder's config.json (ConfigError)."""
     from longctx.config import ConfigError
-    theirs = model_config(read_hf_config(folder), folder)
+    from longctx.model.mixers import layer_mixers
+    hf = read_hf_config(folder)
+    theirs = native_model_config(hf, folder) if is_native(hf) else model_config(hf, folder)
     keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings", "attn_bias")
     ours = {k: model_cfg[k] if k != "n_kv_heads" else (model_cfg.n_kv_heads or model_cfg.n_heads) for k in keys}
+    theirs = {**theirs, "n_kv_heads": theirs.get("n_kv_heads") or theirs["n_heads"]}
     diff = [f"model.{k}={ours[k]!r} but {folder} has {theirs[k]!r}" for k in keys if ours[k] != theirs[k]]
     if diff:
         raise ConfigError(f"init.from_hf: {'; '.join(diff[:3])}: copy model.* from "
-                          f"`longctx.model.hf.model_config` (or `longctx extend` configs)")
+                          f"`longctx.model.hf.folder_model_config` (or `longctx extend` configs)")
+    if is_native(hf):  # our own format: the same mixer in every layer (and the same landmark block)
+        mine = layer_mixers(list(model_cfg.mixers), model_cfg.n_layers)
+        saved = layer_mixers(list(theirs["mixers"]), theirs["n_layers"])
+        if mine != saved:
+            raise ConfigError(f"init.from_hf: model.mixers gives layers {mine} but {folder} holds {saved}: use "
+                              f"model.mixers: {saved}")
+        if "landmark" in mine and model_cfg.landmark_block != theirs["landmark_block"]:
+            raise ConfigError(f"init.from_hf: model.landmark_block={model_cfg.landmark_block} but {folder} was "
+                              f"trained with {theirs['landmark_block']}: use {theirs['landmark_block']}")
+        return
     if any(m != "softmax" for m in model_cfg.mixers):
         raise ConfigError(f"init.from_hf: model.mixers={list(model_cfg.mixers)}: Hugging Face weights fill "
                           f"softmax attention layers only")
@@ -244,7 +258,7 @@ def hf_config(model_cfg, arch: str = "LlamaForCausalLM") -> Dict[str, Any]:
     bad = sorted({x for x in m.mixers if x != "softmax"})
     if bad:
         raise HFFormatError(f"model.mixers has {', '.join(bad)}: only softmax-attention models export to "
-                            f"{arch}")
+                            f"{arch}; save_native writes our own format for the others")
     scaling = dict(scaling_key(m))
     kind = scaling.get("rope_type", "default")
     max_pos = m.max_seq_len
@@ -281,19 +295,39 @@ def save_pretrained(model, cfg, out_dir: str, tokenizer_dir: Optional[str] = Non
                     arch: Optional[str] = None) -> str:
     """Write config.json + model.safetensors (+ tokenizer files from tokenizer_dir) to out_dir.
 
-    cfg: the full config or its model node. arch: the architecture to write; default Qwen2 for
+    cfg: the full config, its model node or a dict of model.* keys. arch: the architecture to write; default Qwen2 for
     q/k/v biases, Mistral when a sliding window is set, Llama otherwise. The folder is written
     under a temporary name beside out_dir and renamed at the end, so out_dir appears only
     complete; an existing non-empty out_dir is refused."""
-    from safetensors.torch import save_file
-    from longctx.train.files import fsync_dir
-    m = cfg.model if hasattr(cfg, "model") and not hasattr(cfg, "d_model") else cfg
+    m = _model_node(cfg)
     arch = arch or ("Qwen2ForCausalLM" if m.attn_bias else "MistralForCausalLM" if m.sliding_window else
                     "LlamaForCausalLM")
+    _check_free(out_dir)
+    config = hf_config(m, arch)  # validates before anything touches the disk
+    return _write_folder(model, config, out_dir, tokenizer_dir)
+
+
+def _model_node(cfg):
+    """The model.* node of a full config, a model node, or a dict of model.* keys."""
+    from omegaconf import OmegaConf
+    if isinstance(cfg, dict):
+        return OmegaConf.create(cfg.get("model", cfg) if "d_model" not in cfg else cfg)
+    return cfg.model if hasattr(cfg, "model") and not hasattr(cfg, "d_model") else cfg
+
+
+def _check_free(out_dir: str) -> None:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise HFFormatError(f"{out_dir} exists and is not empty: choose a new folder (nothing was written)")
-    config = hf_config(m, arch)  # validates before anything touches the disk
+
+
+def _write_folder(model, config: Dict[str, Any], out_dir: str, tokenizer_dir: Optional[str]) -> str:
+    """config.json + model.safetensors (Hugging Face tensor names) + tokenizer files, written
+    under a temporary name beside out_dir and renamed into place."""
+    from safetensors.torch import save_file
+    from longctx.train.files import fsync_dir
+    out_dir = os.path.abspath(out_dir)
+    _check_free(out_dir)
     tensors = {hf_name(n): t.detach().to("cpu", torch.float32).contiguous().clone()
                for n, t in model.state_dict().items()}
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -323,3 +357,73 @@ def _copy_tokenizer(src: str, dst: str) -> None:
         raise HFFormatError(f"tokenizer folder {src} has none of {', '.join(TOKENIZER_FILES[:4])}")
     for n in found:
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+
+
+# -- our own format: models that transformers cannot express -----------------------------------
+# Landmark attention, lightning (hybrid) and memory layers have no transformers equivalent. Such
+# a model is saved like a Hugging Face folder (config.json, model.safetensors with the same
+# tensor names, tokenizer files), but config.json names architecture LongctxForCausalLM /
+# model_type "longctx" — so transformers refuses it instead of loading something else — and
+# carries our whole model config under "longctx_model" (see docs/hf.md, "Our own format").
+NATIVE_ARCH, NATIVE_TYPE, NATIVE_VERSION = "LongctxForCausalLM", "longctx", 1
+
+
+def is_native(hf: Dict[str, Any]) -> bool:
+    """Whether a config.json dict is in our own format (written by save_native)."""
+    return "longctx_model" in hf or hf.get("model_type") == NATIVE_TYPE
+
+
+def native_model_config(hf: Dict[str, Any], folder: str = "") -> Dict[str, Any]:
+    """Our model.* keys from a config.json in our own format."""
+    where = f"{folder}/config.json"
+    version = hf.get("longctx_format")
+    if version != NATIVE_VERSION or not isinstance(hf.get("longctx_model"), dict):
+        raise HFFormatError(f"{where}: longctx_format={version!r} with longctx_model "
+                            f"{'present' if 'longctx_model' in hf else 'missing'}: this version reads format "
+                            f"{NATIVE_VERSION} (written by longctx.model.hf.save_native)")
+    return dict(hf["longctx_model"])
+
+
+def folder_model_config(folder: str) -> Dict[str, Any]:
+    """Our model.* keys for a folder: a Hugging Face one (Llama, Mistral, Qwen2) or our own format."""
+    hf = read_hf_config(folder)
+    return native_model_config(hf, folder) if is_native(hf) else model_config(hf, folder)
+
+
+def folder_landmark_id(folder: str) -> Optional[int]:
+    """The landmark token id a folder's model was trained with (None: no landmark layers)."""
+    hf = read_hf_config(folder)
+    return int(hf["longctx_landmark"]["landmark_id"]) if is_native(hf) and hf.get("longctx_landmark") else None
+
+
+def native_config(model_cfg, landmark_id: Optional[int] = None) -> Dict[str, Any]:
+    """config.json in our own format for a model config (node or dict)."""
+    from omegaconf import OmegaConf
+    from longctx.model.mixers import layer_mixers
+    m = model_cfg if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
+    mixers = layer_mixers(list(m["mixers"]), m["n_layers"])
+    out = {"architectures": [NATIVE_ARCH], "model_type": NATIVE_TYPE, "longctx_format": NATIVE_VERSION,
+           "longctx_model": m, "longctx_mixers": mixers,
+           # informational (Hugging Face names); longctx_model is what is read back
+           "vocab_size": m["vocab_size"], "hidden_size": m["d_model"], "num_hidden_layers": m["n_layers"],
+           "num_attention_heads": m["n_heads"], "num_key_value_heads": m["n_kv_heads"] or m["n_heads"],
+           "max_position_embeddings": m["max_seq_len"], "torch_dtype": "float32"}
+    if "landmark" in mixers:
+        if landmark_id is None or not 0 <= int(landmark_id) < m["vocab_size"]:
+            raise HFFormatError(f"a landmark model needs landmark_id in [0, vocab_size={m['vocab_size']}) (the "
+                                f"tokenizer's landmark_id), got {landmark_id!r}")
+        out["longctx_landmark"] = {"block": m["landmark_block"], "landmark_id": int(landmark_id)}
+    elif landmark_id is not None:
+        raise HFFormatError(f"landmark_id={landmark_id} given but no layer of {mixers} is landmark")
+    return out
+
+
+def save_native(model, cfg, out_dir: str, tokenizer_dir: Optional[str] = None,
+                landmark_id: Optional[int] = None) -> str:
+    """Write a model of any mixers in our own format: config.json (architecture
+    LongctxForCausalLM, our model config under longctx_model, landmark settings under
+    longctx_landmark) + model.safetensors (Hugging Face tensor names) + tokenizer files.
+    from_pretrained, init.from_hf and `longctx eval --hf` read it back; transformers does not.
+    Written under a temporary name and renamed, as save_pretrained."""
+    _check_free(out_dir)
+    return _write_folder(model, native_config(_model_node(cfg), landmark_id), out_dir, tokenizer_dir)

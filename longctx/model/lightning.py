@@ -58,9 +58,10 @@ class LightningAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         d, hd = cfg.d_model, self.n_heads * self.head_dim
-        self.q_proj = nn.Linear(d, hd, bias=False)
-        self.k_proj = nn.Linear(d, hd, bias=False)
-        self.v_proj = nn.Linear(d, hd, bias=False)
+        # q/k/v biases with model.attn_bias, as the softmax layers (a hybrid converted from Qwen2 keeps them)
+        self.q_proj = nn.Linear(d, hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, hd, bias=cfg.attn_bias)
         self.g_proj = nn.Linear(d, hd, bias=False)
         self.o_proj = nn.Linear(hd, d, bias=False)
         self.norm = RMSNorm(hd, cfg.norm_eps)
