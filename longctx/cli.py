@@ -96,16 +96,39 @@ def cmd_eval(args) -> int:
 
 
 def cmd_extend(args) -> int:
-    from longctx.train.extend import plan, write_plan
-    p = plan(args.from_dir, args.target_len, args.method, args.out, args.per_stage, args.steps, args.lr,
-             args.tokens_per_step, args.data, args.max_tokens_per_rank)
-    out = write_plan(p, args.out)
-    print(f"{args.method}: {p['original_length']} -> {p['target_length']} tokens in {len(p['stages'])} stage(s)")
-    for s in p["stages"]:
-        print(f"  stage {s['stage']}: length {s['length']:>8} (x{s['factor']:g}), rope_theta {s['rope_theta']:.6g}, "
-              f"{s['rope_scaling']['rope_type']}, sp {s['sp']}: longctx train {s['config_path']}; then export to "
-              f"{s['export']} (longctx.model.hf.save_pretrained)")
-    print(f"wrote {out}/plan.json and the stage configs")
+    from longctx.eval.harness import parse_depths, parse_lengths
+    from longctx.train.extend import extend, plan, write_plan
+    kw = dict(per_stage=args.per_stage, steps=args.steps, lr=args.lr, tokens_per_step=args.tokens_per_step,
+              data=args.data, max_tokens_per_rank=args.max_tokens_per_rank, nproc=args.nproc, rope=args.rope,
+              train_len=args.train_len, landmark_block=args.landmark_block, hybrid_layers=args.hybrid_layers,
+              hybrid_ratio=args.hybrid_ratio, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
+              overrides=args.overrides)
+    if args.plan_only:
+        p = plan(args.from_dir, args.target_len, args.method, args.out, **kw)
+        out = write_plan(p, args.out)
+        print(f"{args.method}: {p['original_length']} -> {p['target_length']} tokens in {len(p['stages'])} stage(s)")
+        for s in p["stages"]:
+            print(f"  stage {s['stage']}: length {s['length']:>8} (x{s['factor']:g}), rope_theta "
+                  f"{s['rope_theta']:.6g}, {s['rope_scaling']['rope_type']}, sp {s['sp']}: longctx train "
+                  f"{s['config_path']}; then export to {s['export']} (longctx.model.hf."
+                  f"{'save_native' if p['convert'] else 'save_pretrained'})")
+        if p["convert"]:
+            print(f"  first: stage 0 (conversion{' and attention transfer' if p['hybrid'] else ''}) into "
+                  f"{p['convert']['export']}: run it with `longctx extend` without --plan-only")
+        print(f"wrote {out}/plan.json and the stage configs")
+        return 0
+    res = extend(args.from_dir, args.target_len, args.method, args.out, evaluate=not args.no_eval,
+                 eval_lengths=parse_lengths(args.eval_lengths) if args.eval_lengths else None,
+                 eval_windows=args.eval_windows,
+                 passkey_lengths=parse_lengths(args.passkey_lengths) if args.passkey_lengths else None,
+                 passkey_depths=parse_depths(args.passkey_depths), passkey_trials=args.passkey_trials,
+                 retrieval_k=args.retrieval_k, eval_data=args.eval_data, eval_seed=args.seed, **kw)
+    for tag in ("before", "after"):
+        if res.get(tag):
+            cells = [f"ppl@{L} {v:.3f}" for L, v in res[tag].get("ppl", {}).items()]
+            cells += [f"passkey@{L} {100 * v:.0f}%" for L, v in res[tag].get("passkey", {}).items()]
+            print(f"{tag:>6}: {', '.join(cells)}")
+    print(f"final model: {res['out']}/model; results: {res['out']}/results.json")
     return 0
 
 
@@ -179,17 +202,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. parallel.sp_ring=2")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("extend", help="plan a staged context extension of a Hugging Face model (configs per stage)")
+    x = sub.add_parser("extend", help="extend the context of a Hugging Face model: staged training, evaluation "
+                                      "before/after, export (docs/hf.md)")
     x.add_argument("--from", dest="from_dir", required=True, help="Hugging Face model folder")
     x.add_argument("--target-len", type=int, required=True, help="the context length to reach")
-    x.add_argument("--method", required=True, help="yarn, ntk, pi, llama3 or theta (landmark, hybrid: later)")
-    x.add_argument("--out", required=True, help="new folder for plan.json and stage_K/config.yaml")
+    x.add_argument("--method", required=True, help="yarn, ntk, pi, llama3, theta, landmark or hybrid")
+    x.add_argument("--out", required=True, help="new folder for the run (built in OUT.partial, renamed when done)")
+    x.add_argument("--plan-only", action="store_true",
+                   help="only write plan.json and stage_K/config.yaml (run the stages by hand)")
     x.add_argument("--per-stage", type=float, default=4.0, help="length growth per stage")
     x.add_argument("--steps", type=int, default=200, help="training steps per stage")
     x.add_argument("--lr", type=float, default=2e-5)
     x.add_argument("--tokens-per-step", type=int, default=65536, help="sets data.micro_batch_size per stage")
     x.add_argument("--data", help="token file prefix (default: the synthetic corpus)")
     x.add_argument("--max-tokens-per-rank", type=int, help="choose parallel.sp per stage to keep L/sp under this")
+    x.add_argument("--nproc", type=int, default=1,
+                   help="processes per stage (dp x sp; a stage whose sp is larger uses sp processes)")
+    x.add_argument("--rope", help="landmark / hybrid: rope recipe for the attention layers: none, yarn, ntk, pi, "
+                                  "llama3, theta (default: landmark none, hybrid yarn)")
+    x.add_argument("--train-len", type=int,
+                   help="longest training window (default: the target; landmark with --rope none: the model's "
+                        "trained length, the context then comes from retrieval)")
+    x.add_argument("--landmark-block", type=int, default=64, help="landmark: regular tokens per landmark")
+    x.add_argument("--hybrid-layers", help="hybrid: layers that become lightning attention, e.g. 0,2")
+    x.add_argument("--hybrid-ratio", type=float,
+                   help="hybrid: fraction of the layers that become lightning (default 0.75; the last stays softmax)")
+    x.add_argument("--transfer-steps", type=int, default=100, help="hybrid: attention-transfer steps")
+    x.add_argument("--transfer-lr", type=float, default=1e-3, help="hybrid: attention-transfer learning rate")
+    x.add_argument("--no-eval", action="store_true", help="skip the evaluation before and after")
+    x.add_argument("--eval-lengths", help="perplexity lengths (default: the trained length, each stage's, the target)")
+    x.add_argument("--eval-windows", type=int, default=4, help="perplexity windows per length")
+    x.add_argument("--eval-data", help="perplexity token file (default: --data, else the synthetic corpus, seed 7)")
+    x.add_argument("--passkey-lengths", help="passkey lengths (default: the target)")
+    x.add_argument("--passkey-depths", default="0,0.5,1", help="passkey depths")
+    x.add_argument("--passkey-trials", type=int, default=5, help="passkey trials per (length, depth)")
+    x.add_argument("--retrieval-k", type=int, default=4,
+                   help="landmark: evaluate with top-k block retrieval (0: the exact grouped softmax)")
+    x.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    x.add_argument("overrides", nargs="*", help="config key=value for every stage, e.g. deepspeed.zero_stage=2")
     x.set_defaults(func=cmd_extend)
 
     pl = sub.add_parser("plot", help="a run folder -> curves.png; eval JSON(s) -> heatmap or perplexity plot")

@@ -60,10 +60,13 @@ def test_plan_refusals_write_nothing(tmp_path, hf_dir):
     out = tmp_path / "ext"
     with pytest.raises(ValueError, match="not above the model's current length 256"):
         plan(hf_dir, 200, "yarn", str(out))
-    with pytest.raises(ValueError, match="landmark and hybrid conversion are not available yet"):
-        plan(hf_dir, 4096, "landmark", str(out))
-    with pytest.raises(ValueError, match="'rope' is not known: use one of yarn, ntk, pi, llama3, theta"):
+    with pytest.raises(ValueError, match="'rope' is not known: use one of yarn, ntk, pi, llama3, theta, landmark, "
+                                         "hybrid"):
         plan(hf_dir, 4096, "rope", str(out))
+    with pytest.raises(ValueError, match="--rope 'abf' is not known: use one of yarn, ntk, pi, llama3, theta, none"):
+        plan(hf_dir, 4096, "hybrid", str(out), rope="abf")
+    with pytest.raises(ValueError, match=r"--train-len 8192 must be in \[256, 4096\]"):
+        plan(hf_dir, 4096, "landmark", str(out), train_len=8192)
     scaled = dict(HF_CONFIG, rope_scaling={"rope_type": "linear", "factor": 2.0})
     json.dump(scaled, open(os.path.join(hf_dir, "config.json"), "w"))
     with pytest.raises(ValueError, match="already uses rope_type=linear"):
@@ -74,3 +77,27 @@ def test_plan_refusals_write_nothing(tmp_path, hf_dir):
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         write_plan(plan(hf_dir, 4096, "yarn", str(out)), str(out))
     assert sorted(os.listdir(tmp_path)) == ["ext", "hf"] and os.listdir(out) == ["x"]
+
+
+def test_plan_landmark_and_hybrid(tmp_path, hf_dir):
+    """landmark: stage 0 converts (vocabulary 320 already holds the byte tokenizer's landmark id
+    258), then by default one stage at the trained length with plain RoPE; --rope yarn stages
+    it to the target. hybrid: stage 0 converts and runs attention transfer at L0, then yarn
+    stages; every stage starts from the previous export."""
+    out = str(tmp_path / "ext")
+    p = plan(hf_dir, 4096, "landmark", out, landmark_block=32)
+    assert p["landmark"] == {"block": 32, "landmark_id": 258} and p["convert"]["export"] == f"{out}/stage_0/hf"
+    (s,) = p["stages"]
+    m = s["config"]["model"]
+    assert (s["length"], m["mixers"], m["vocab_size"], m["rope_scaling"]["rope_type"]) == (256, ["landmark"], 320,
+                                                                                         "default")
+    assert s["config"]["init"]["from_hf"] == f"{out}/stage_0/hf" and m["max_seq_len"] == 4096 + 4096 // 32
+    p = plan(hf_dir, 4096, "landmark", out, landmark_block=32, rope="yarn", train_len=4096)
+    assert [s["length"] for s in p["stages"]] == [1024, 4096]
+    assert p["stages"][1]["config"]["model"]["rope_scaling"]["factor"] == 16.0
+    p = plan(hf_dir, 4096, "hybrid", out, hybrid_layers="0", transfer_steps=7, relative=True)
+    assert p["hybrid"] == {"lightning_layers": [0]} and p["convert"]["transfer"]["steps"] == 7
+    assert p["convert"]["transfer"]["data"]["seq_len"] == 256
+    assert [s["config"]["init"]["from_hf"] for s in p["stages"]] == ["stage_0/hf", "stage_1/hf"]
+    assert p["stages"][0]["config"]["model"]["mixers"] == ["lightning", "softmax"]
+    assert p["stages"][1]["config"]["model"]["rope_scaling"]["rope_type"] == "yarn"
