@@ -16,6 +16,8 @@ Assumes a file system shared by all ranks, as DeepSpeed does.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -270,14 +272,48 @@ def resolve_folder(path: str) -> str:
 
 def consolidated_state_dict(folder: str) -> Dict[str, torch.Tensor]:
     """The model's full fp32 weights from a checkpoint of any ZeRO stage (no process group
-    needed): ZeRO 0-2 keep whole weights in the model-states file; ZeRO-3 shards them, and
-    DeepSpeed's zero_to_fp32 reassembles them."""
+    needed): ZeRO 0-2 keep whole weights in the model-states file; ZeRO-3 shards them (one
+    zero_pp_rank_N_mp_rank_00_model_states.pt per rank), and DeepSpeed's zero_to_fp32
+    reassembles them."""
     states = os.path.join(folder, "mp_rank_00_model_states.pt")
-    if not os.path.exists(states):
+    if os.path.exists(states):
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        if module and all(t.numel() > 0 for t in module.values()):
+            return {k: v.float() for k, v in module.items()}
+    elif not os.path.exists(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt")):
         raise CheckpointError(f"{folder} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint?)")
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    if module and all(t.numel() > 0 for t in module.values()):
-        return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     root, tag = os.path.split(os.path.abspath(folder))
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(root, tag=tag).items()}
+
+
+def consolidated_optimizer_state(folder: str) -> Dict[str, Any]:
+    """Adam's full fp32 moments from a ZeRO 1-3 checkpoint, put together from every rank's
+    partition as zero_to_fp32 puts the weights together (no process group needed):
+    {"steps": [Adam's step of each param group], "exp_avg": {name: tensor}, "exp_avg_sq": {...}}."""
+    from deepspeed.utils import zero_to_fp32 as z2f
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        model_states = z2f.parse_model_states(z2f.get_model_state_files(folder))
+    optim_files = z2f.get_optim_files(folder)
+    sds = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in optim_files]
+    stage = int(sds[0].get("zero_stage", 0))
+    if stage < 1:
+        raise CheckpointError(f"{folder} is a ZeRO-{stage} checkpoint: its optimizer state is not sharded "
+                              f"(mp_rank_00_model_states.pt holds it whole)")
+    counts = sds[0]["partition_count"]
+    world = max(counts) if isinstance(counts, list) else int(counts)
+    if world != len(sds):
+        raise CheckpointError(f"{folder}: {len(sds)} optimizer shard files for a world of {world} ranks")
+    inner = [sd["base_optimizer_state"] if stage <= 2 else sd["optimizer_state_dict"] for sd in sds]
+    names = {n for group in model_states[0].param_shapes for n in group}
+    out: Dict[str, Any] = {"steps": [int(inner[0]["state"][g]["step"]) for g in sorted(inner[0]["state"])]}
+    for key in ("exp_avg", "exp_avg_sq"):
+        flats = [[opt["state"][g][key] for g in sorted(opt["state"])] for opt in inner]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if stage <= 2:
+                full = z2f._get_fp32_state_dict_from_zero2_checkpoint(
+                    world, flats, model_states, True, sds[0].get("param_alignment_paddings"))
+            else:
+                full = z2f._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, True)
+        out[key] = {k: v.float() for k, v in z2f.to_torch_tensor(full).items() if k in names}
+    return out
