@@ -138,6 +138,16 @@ class Mesh:
     def get_model_parallel_group(self):
         return _self_group()
 
+    # Megatron's names, which DeepSpeed's universal-checkpoint load asks for (train/reshard.py).
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_group(self):
+        return _self_group()
+
     def get_data_parallel_group(self):
         return self.grad_group
 

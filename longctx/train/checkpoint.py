@@ -35,6 +35,10 @@ MANIFEST = "MANIFEST.json"
 META = "longctx.json"
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+# Test hook: right after a resume's load, save the engine (DeepSpeed's files only) under this
+# folder, so tests compare the consolidated state as loaded with the one saved
+# (tests/distributed/test_resume_reshard.py).
+_SAVE_AFTER_LOAD = os.environ.get("LONGCTX_SAVE_AFTER_LOAD")
 
 
 class CheckpointError(RuntimeError):
@@ -238,19 +242,39 @@ def read_meta(folder: str) -> Dict[str, Any]:
     return json.load(open(os.path.join(folder, META)))
 
 
-def load(engine, folder: str) -> Dict[str, Any]:
+def load(engine, folder: str, universal: bool = False) -> Dict[str, Any]:
     """Collective: restore engine (weights, optimizer, scheduler) and this rank's RNG states.
-    Returns the longctx meta (step, tokens, sampler state, config)."""
+    Returns the longctx meta (step, tokens, sampler state, config).
+
+    universal: load the checkpoint's universal conversion (train/reshard.py; the engine was
+    created with checkpoint.load_universal) - a resume at another world size. The saved RNG
+    states are per rank of the old world: at another world size every rank is seeded from
+    (train.seed, step, rank) instead."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    root, tag = os.path.split(os.path.abspath(folder))
-    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {folder}")
-    rng_file = os.path.join(folder, f"rng_rank{rank:05d}.pt")
-    if not os.path.exists(rng_file):
-        raise CheckpointError(f"{folder} has no RNG state for rank {rank} (saved with fewer ranks?)")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_meta(folder)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meta = read_meta(folder)
+    if universal:
+        from longctx.train.reshard import load_universal
+        load_universal(engine, folder)
+    else:
+        root, tag = os.path.split(os.path.abspath(folder))
+        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}")
+    if meta.get("world_size", world) == world:
+        rng_file = os.path.join(folder, f"rng_rank{rank:05d}.pt")
+        if not os.path.exists(rng_file):
+            raise CheckpointError(f"{folder} has no RNG state for rank {rank} (saved with fewer ranks?)")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        seed = int(meta.get("config", {}).get("train", {}).get("seed", 0))
+        s = np.random.SeedSequence([seed, int(meta["step"]), rank]).generate_state(2)
+        random.seed(int(s[0]))
+        np.random.seed(int(s[1]))
+        torch.manual_seed(int(s[0]) << 32 | int(s[1]))
+    if _SAVE_AFTER_LOAD:  # test hook: the state as loaded, in this run's layout
+        engine.save_checkpoint(_SAVE_AFTER_LOAD, tag=tag_for(int(meta["step"])), save_latest=False)
+    return meta
 
 
 def resolve_folder(path: str) -> str:

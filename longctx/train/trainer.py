@@ -22,6 +22,7 @@ from longctx.config import ConfigError, deepspeed_config, model_signature, sp_de
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
 from longctx.parallel.groups import build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
+from longctx.train import reshard
 from longctx.train import faults
 from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
 
@@ -113,20 +114,19 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
         pairs = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diff[:4])
         raise TrainingError(f"checkpoint {folder} was saved by another model config ({pairs}); "
                             f"use the config it was trained with or a new train.run_dir")
-    if meta.get("world_size") != world:
-        raise TrainingError(
-            f"checkpoint {folder} holds ZeRO-{meta.get('zero_stage')} shards and RNG states of "
-            f"{meta.get('world_size')} ranks but this run has {world}: relaunch with {meta.get('world_size')} "
-            f"processes (resharding to another world size is not supported yet)")
-    for key, now_v in (("grad_accum", cfg.train.grad_accum), ("sp", cfg.parallel.sp)):
-        if key in meta and meta[key] != now_v:
-            name = "train.grad_accum" if key == "grad_accum" else "parallel.sp"
-            raise TrainingError(f"checkpoint {folder} was saved with {name}={meta[key]} but the config says {now_v}: "
-                                f"the data stream would not continue where it stopped; use {meta[key]}")
+    # Another world size or SP degree is fine (train/reshard.py) if the global batch is the same.
+    problem = reshard.global_batch_problem(meta, cfg.data.micro_batch_size, cfg.train.grad_accum, world,
+                                           cfg.parallel.sp)
+    if problem:
+        raise TrainingError(f"cannot resume from checkpoint {folder}: {problem}")
     if meta.get("zero_stage") != cfg.deepspeed.zero_stage:
         raise TrainingError(f"checkpoint {folder} was saved with deepspeed.zero_stage={meta.get('zero_stage')} "
                             f"but the config says {cfg.deepspeed.zero_stage}: use the same stage to resume")
-    for key in ("seed", "seq_len", "kind", "micro_batch_size"):
+    if reshard.needs_universal(meta, world) and (cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param):
+        raise TrainingError(f"checkpoint {folder} was saved by {meta.get('world_size')} ranks and this run has "
+                            f"{world}: resharding with deepspeed.offload_optimizer or offload_param is untested; "
+                            f"resume with both false, or on {meta.get('world_size')} ranks")
+    for key in ("seed", "seq_len", "kind"):
         if key in meta.get("data", {}) and meta["data"][key] != cfg.data[key]:
             raise TrainingError(f"checkpoint {folder} was saved with data.{key}={meta['data'].get(key)!r} but the "
                                 f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
@@ -224,8 +224,16 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     resume_folder = decision[0]
     if resume == "auto" and resume_folder is None:
         _log0(f"--resume auto: no complete checkpoint in {ckpt_root}; starting fresh")
+    universal = False  # resume at another world size: through DeepSpeed's universal checkpoint
     if resume_folder is not None:  # before building anything: a mismatch is one clear line
-        _check_resume_compatible(ckpt.read_meta(resume_folder), cfg, world, resume_folder)
+        saved = ckpt.read_meta(resume_folder)
+        _check_resume_compatible(saved, cfg, world, resume_folder)
+        universal = reshard.needs_universal(saved, world)
+        if saved.get("world_size") != world or saved.get("sp", 1) != cfg.parallel.sp:
+            _log0(f"resharding {resume_folder}: {reshard.describe(saved, world, cfg.parallel.sp)}"
+                  f"{' through its universal conversion' if universal else ''}")
+        if universal:
+            reshard.prepare_universal(resume_folder)  # collective: rank 0 converts, once
 
     # Data: each rank reads only its own samples (and its own sequence shard).
     landmark_block = cfg.model.landmark_block if "landmark" in cfg.model.mixers else 0  # data inserts landmarks
@@ -245,6 +253,8 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
         # the head reuses embed.weight outside the embedding's forward: tell ZeRO-3 to gather it
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
     ds_cfg = deepspeed_config(cfg, dp_size=world)  # DeepSpeed's data parallel: every replica (dp x sp)
+    if universal:
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     sched_fn = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_cfg, mpu=mesh,
@@ -256,7 +266,7 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     torch.manual_seed(t.seed + 1 + rank)
     start_step, tokens_seen = 0, 0
     if resume_folder is not None:
-        meta = ckpt.load(engine, resume_folder)
+        meta = ckpt.load(engine, resume_folder, universal=universal)
         start_step, tokens_seen = meta["step"], meta["tokens"]
         sampler.load_state_dict(meta["sampler"])
         _log0(f"resumed from {resume_folder} at step {start_step}")
