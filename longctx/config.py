@@ -182,6 +182,10 @@ class InitConfig:
     # A Hugging Face model folder (config.json + safetensors): training starts from its weights
     # (model.* must describe the same shapes; `longctx.model.hf.model_config` derives them).
     from_hf: Optional[str] = None
+    # A longctx run or checkpoint folder: training starts from its weights only (a new run:
+    # fresh optimizer, step 0, new data settings; model.* may differ in settings without
+    # weights, e.g. landmark_block or rope scaling). For a curriculum of stages.
+    from_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -387,6 +391,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     validate_memory(m)
     validate_rope_scaling(m)
     validate_lean(m)
+    _need(not (cfg.init.from_hf and cfg.init.from_checkpoint),
+          f"init.from_hf={cfg.init.from_hf!r} and init.from_checkpoint={cfg.init.from_checkpoint!r}: "
+          f"start from one of them")
     _need(m.sliding_window is None or m.max_seq_len <= m.sliding_window,
           f"model.max_seq_len={m.max_seq_len} exceeds model.sliding_window={m.sliding_window}: sliding-window "
           f"attention is not implemented (full causal attention equals it only up to the window); set "

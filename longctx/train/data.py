@@ -740,8 +740,8 @@ class PasskeySampler(_StepSampler):
     """Passkey-retrieval training samples; a deterministic function of (seed, step).
 
     Sample g uses rng = default_rng([seed, g]): depth ~ U[0, 1], then a prompt + answer of at
-    most seq_len + 1 tokens, right-padded with pad_id. Only answer tokens carry labels, or
-    every real token with targets='all' (landmarks and padding never do).
+    most seq_len tokens, then eos, right-padded with pad_id. Only the answer and its eos carry
+    labels, or every real token with targets='all' (landmarks and padding never do).
     """
 
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
@@ -755,16 +755,19 @@ class PasskeySampler(_StepSampler):
         self.tokenizer, self.targets = _as_tokenizer(tokenizer), targets
 
     def sample(self, g: int) -> dict:
-        """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth."""
+        """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth.
+
+        The answer is followed by eos, a target too: the model learns where the key ends (with
+        nothing after it, greedy decoding runs on into more digits and the key is misread)."""
         rng = np.random.default_rng([self.seed, g])
         depth = float(rng.uniform(0.0, 1.0))
         n = self.regular_len
-        s = passkey_sample(self.tokenizer, rng, n + 1, depth)
+        s = passkey_sample(self.tokenizer, rng, n, depth)
         ids = np.full(n + 1, self.tokenizer.pad_id, dtype=np.int64)
         n_p, n_a = s["prompt_ids"].size, s["answer_ids"].size
-        ids[:n_p], ids[n_p:n_p + n_a] = s["prompt_ids"], s["answer_ids"]
+        ids[:n_p], ids[n_p:n_p + n_a], ids[n_p + n_a] = s["prompt_ids"], s["answer_ids"], self.tokenizer.eos_id
         target = np.zeros(n + 1, dtype=bool)
-        target[1 if self.targets == "all" else n_p:n_p + n_a] = True  # the answer (or every real token)
+        target[1 if self.targets == "all" else n_p:n_p + n_a + 1] = True  # the answer + eos (or every real token)
         if self.landmark_block:  # insert landmarks; they are never targets here
             W = self.landmark_block + 1
             p = np.arange(self.seq_len + 1)

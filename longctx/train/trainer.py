@@ -170,6 +170,23 @@ def _dump_grads(model, path: str, rank: int) -> None:
         torch.save({n: g.detach().float().cpu() for n, g in grads.items()}, path)
 
 
+def load_weights_from_run(model: torch.nn.Module, path: str) -> None:
+    """Copy the consolidated weights of a longctx run / checkpoint folder into `model`; every
+    tensor must exist with the same shape (one ValueError naming the differences)."""
+    folder = ckpt.resolve_folder(path)
+    sd = ckpt.consolidated_state_dict(folder)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+              for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"init.from_checkpoint={path!r} ({folder}) does not fit model.*: "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {shapes[:4]}; use a "
+                         f"checkpoint of the same architecture (layers, widths, heads, vocabulary, mixers)")
+    model.load_state_dict(sd)
+
+
 def grad_divisor(engine) -> float:
     """What DeepSpeed divides the gradient sum over the dp x sp ranks by. Our mesh (the mpu)
     presents all of dp x sp as data parallel, so every stage divides by the world size (see
@@ -249,6 +266,8 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
         from longctx.model import hf
         hf.check_matches(cfg.model, cfg.init.from_hf)
         hf.load_hf_weights(model, cfg.init.from_hf)
+    if cfg.init.from_checkpoint:  # weights of an earlier run (a curriculum stage); a resume loads over them
+        load_weights_from_run(model, cfg.init.from_checkpoint)
     if cfg.model.tie_embeddings and cfg.deepspeed.zero_stage == 3:
         # the head reuses embed.weight outside the embedding's forward: tell ZeRO-3 to gather it
         deepspeed.zero.register_external_parameter(model, model.embed.weight)

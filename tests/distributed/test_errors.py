@@ -70,6 +70,30 @@ def test_resume_auto_when_finished_does_nothing(trained):
     assert digests(run) == before
 
 
+def test_init_from_checkpoint_weights_and_mismatch(trained):
+    """init.from_checkpoint copies a run's consolidated weights (a new run, e.g. a curriculum
+    stage); another architecture is one clear error naming the differing tensors."""
+    import torch
+    from longctx.config import ConfigError, load_config
+    from longctx.model.transformer import DecoderLM
+    from longctx.train.trainer import load_weights_from_run
+    wd, run = trained
+    cfg = load_config(TINY, list(SMALL))
+    torch.manual_seed(123)
+    model = DecoderLM(cfg.model)
+    load_weights_from_run(model, run)
+    saved = ckpt.consolidated_state_dict(ckpt.resolve_folder(run))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    wide = DecoderLM(load_config(TINY, [*SMALL, "model.d_model=96", "model.n_heads=4"]).model)
+    with pytest.raises(ValueError, match="does not fit model.*embed.weight"):
+        load_weights_from_run(wide, run)
+    with pytest.raises(ConfigError, match="start from one of them"):
+        load_config(TINY, [*SMALL, f"init.from_checkpoint={run}", f"init.from_hf={wd}"])
+    proc = launch("python", 1, [TINY, *SMALL, "train.steps=1", f"train.run_dir={wd}/stage2",
+                                f"init.from_checkpoint={run}"], wd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_missing_and_corrupt_data(tmp_path):
     one_error(launch("python", 1, [TINY, *SMALL, "data.kind=tokens", f"data.path={tmp_path}/nope",
                                    f"train.run_dir={tmp_path}/r1"], tmp_path), "not found", "longctx data prepare")

@@ -359,7 +359,7 @@ def test_first_integer():
     assert pk.first_integer("no digits here") is None
 
 
-def test_passkey_sampler_labels_only_answer():
+def test_passkey_sampler_labels_only_answer_and_its_eos():
     s = D.PasskeySampler(TOK, seq_len=512, micro_batch_size=3, seed=5)
     b = s.batch(2)
     for k in KEYS:
@@ -371,7 +371,7 @@ def test_passkey_sampler_labels_only_answer():
         kept = labels != -100
         answer = TOK.decode(labels[kept].numpy())
         assert pk.first_integer(answer) == s.sample(g)["passkey"] and answer.startswith(" ")
-        assert kept.sum() == len(answer)
+        assert kept.sum() == len(answer) + 1 and int(labels[kept][-1]) == TOK.eos_id  # the key, then eos
         # the kept labels are the next tokens of the inputs
         t = torch.nonzero(kept).flatten()
         assert torch.equal(b["input_ids"][i, t[1:]], labels[t[:-1]])
