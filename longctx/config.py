@@ -114,6 +114,10 @@ class DataConfig:
     # all = every prompt token too (filler, and the key sentence's second copy of the key, which
     # teaches copying at short range first: a small model learns the task much sooner).
     passkey_targets: str = "answer"
+    # tokens / synthetic: this share of the samples (drawn per sample from (seed, index)) are
+    # passkey samples instead of LM windows (with passkey_targets), so that one model learns
+    # both the corpus and the retrieval; 0: none.
+    passkey_fraction: float = 0.0
 
 
 @dataclass
@@ -402,6 +406,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len or lower data.seq_len")
     if d.kind == "tokens":
         _need(d.path is not None, "data.kind=tokens needs data.path (a token file from `longctx data prepare`)")
+    _need(0.0 <= d.passkey_fraction <= 1.0 and (d.passkey_fraction == 0 or d.kind in ("tokens", "synthetic")),
+          f"data.passkey_fraction={d.passkey_fraction}: use a share in [0, 1] of passkey samples mixed into "
+          f"data.kind=tokens or synthetic (data.kind={d.kind})")
     ulysses, ring = sp_degrees(p)
     if p.sp > 1:
         from longctx.model.mixers import sp_capable, sp_layouts

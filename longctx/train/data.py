@@ -667,13 +667,14 @@ class PackedSampler(_StepSampler):
             self._perms[epoch] = rng.permutation(self.n_windows)
         return self._perms[epoch]
 
+    def window(self, g: int) -> int:
+        """Window index of global sample g."""
+        epoch, idx = divmod(g, self.n_windows)
+        return int(self._permutation(epoch)[idx])
+
     def windows(self, step: int, micro: int = 0, grad_accum: int = 1) -> List[int]:
         """Window index of each sample of this rank's micro-batch (micro_batch_size,)."""
-        out = []
-        for g in self.global_indices(step, micro, grad_accum):
-            epoch, idx = divmod(g, self.n_windows)
-            out.append(int(self._permutation(epoch)[idx]))
-        return out
+        return [self.window(g) for g in self.global_indices(step, micro, grad_accum)]
 
     def _sample_landmark(self, window: int) -> Tuple[np.ndarray, ...]:
         """As _sample, with landmark tokens inserted: position p holds the landmark id when
@@ -790,6 +791,51 @@ class PasskeySampler(_StepSampler):
         return shard_batch(out, self.sp_size, self.sp_rank, self.layout, self.ulysses)
 
 
+class MixedSampler(_StepSampler):
+    """Packed LM windows mixed with passkey samples; a deterministic function of (seed, step).
+
+    Global sample g is a passkey sample (PasskeySampler.sample(g)) when
+    default_rng([seed, g, 7]).random() < fraction, else packed window PackedSampler.window(g)
+    (so the windows of the passkey draws are skipped, never shifted). Same tensors as the two
+    samplers, per SP rank; doc_ids 0 for passkey rows. With landmarks, both are in the landmark
+    layout. A model that must both model the corpus and retrieve the key trains on this
+    (data.passkey_fraction)."""
+
+    def __init__(self, packed: "PackedSampler", passkey: "PasskeySampler", fraction: float):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"data.passkey_fraction={fraction} must be in [0, 1] (the share of passkey samples)")
+        same = ("seq_len", "micro_batch_size", "seed", "dp_rank", "dp_size", "sp_rank", "sp_size", "layout",
+                "ulysses", "landmark_block", "landmark_id")
+        diff = [k for k in same if getattr(packed, k) != getattr(passkey, k)]
+        if diff:
+            raise ValueError(f"MixedSampler: the packed and passkey samplers differ in {diff}")
+        super().__init__(packed.seq_len, packed.micro_batch_size, packed.seed, packed.dp_rank, packed.dp_size,
+                         packed.sp_rank, packed.sp_size, packed.layout, packed.ulysses, packed.landmark_block,
+                         packed.landmark_id)
+        self.packed, self.passkey, self.fraction = packed, passkey, float(fraction)
+        self.token_file = packed.token_file
+
+    def is_passkey(self, g: int) -> bool:
+        """Whether global sample g is a passkey sample."""
+        return bool(np.random.default_rng([self.seed, g, 7]).random() < self.fraction)
+
+    def _passkey_shard(self, g: int) -> Tuple[np.ndarray, ...]:
+        s = self.passkey.sample(g)
+        full = {"input_ids": torch.from_numpy(s["input_ids"][None]), "labels": torch.from_numpy(s["labels"][None]),
+                "positions": torch.arange(self.seq_len, dtype=torch.int64)[None],
+                "doc_ids": torch.zeros(1, self.seq_len, dtype=torch.int64)}
+        sh = shard_batch(full, self.sp_size, self.sp_rank, self.layout, self.ulysses)
+        return tuple(sh[k][0].numpy() for k in ("input_ids", "labels", "positions", "doc_ids"))
+
+    def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
+        """Tensors (micro_batch_size, shard_len) int64: input_ids, labels, positions, doc_ids."""
+        samples = [self._passkey_shard(g) if self.is_passkey(g) else self.packed._sample(self.packed.window(g))
+                   for g in self.global_indices(step, micro, grad_accum)]
+        keys = ("input_ids", "labels", "positions", "doc_ids")
+        return {k: torch.from_numpy(np.stack([np.asarray(s[j], dtype=np.int64) for s in samples]))
+                for j, k in enumerate(keys)}
+
+
 def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
                  layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0):
     """Build the sampler for `data_cfg.kind`; returns (sampler, vocab_size_needed).
@@ -802,20 +848,31 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
                   seed=data_cfg.seed, dp_rank=dp_rank, dp_size=dp_size, layout=layout, ulysses=ulysses,
                   landmark_block=landmark_block, landmark_id=tok.landmark_id if landmark_block else -1)
     kind = data_cfg.kind
+    fraction = float(getattr(data_cfg, "passkey_fraction", 0.0) or 0.0)
+    if fraction and kind not in ("tokens", "synthetic"):
+        raise ValueError(f"data.passkey_fraction={fraction} mixes passkey samples into LM data: use it with "
+                         f"data.kind=tokens or synthetic (data.kind={kind!r})")
+
+    def mixed(packed):
+        if not fraction:
+            return packed, tok.vocab_size
+        pk = PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets, **common)
+        return MixedSampler(packed, pk, fraction), tok.vocab_size
+
     if kind == "tokens":
         if not data_cfg.path:
             raise ValueError(f"data.path={data_cfg.path!r} but data.kind='tokens' needs a token "
                              f"file: set data.path=PREFIX made by `longctx data prepare`")
         tf = TokenFile(data_cfg.path)
         _check_tokenizer_matches(tf, tok)
-        return PackedSampler(tf, sp_rank=sp_rank, sp_size=sp_size, **common), tok.vocab_size
+        return mixed(PackedSampler(tf, sp_rank=sp_rank, sp_size=sp_size, **common))
     if kind == "synthetic":
         if tok.name != "byte":
             raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} but data.kind='synthetic' "
                              f"is byte-level: set data.tokenizer=byte")
         cache = data_cfg.cache_dir or default_cache_dir()
         prefix = ensure_synthetic_token_file(cache, data_cfg.seed, data_cfg.synthetic_tokens)
-        return PackedSampler(prefix, sp_rank=sp_rank, sp_size=sp_size, **common), tok.vocab_size
+        return mixed(PackedSampler(prefix, sp_rank=sp_rank, sp_size=sp_size, **common))
     if kind == "passkey":
         return PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets,
                               **common), tok.vocab_size

@@ -465,3 +465,47 @@ def test_passkey_sampler_with_landmarks():
         text = TOK.decode(ids[row][~is_lm])
         ans = TOK.decode(labels[row][labels[row] != -100])
         assert ans.strip().isdigit() and f"The pass key is {ans.strip()}." in text
+
+
+# ------------------------------------------------------------------------------- passkey mixture
+
+
+@pytest.mark.parametrize("block", [0, 5])
+def test_mixed_sampler_mixes_packed_windows_and_passkey_samples(tmp_path, monkeypatch, block):
+    """data.passkey_fraction: each global sample is the passkey sampler's sample g or the packed
+    sampler's window of g, chosen from (seed, g) alone (same batches on a rerun, any step
+    order); the share is about the fraction; SP shards reassemble to the whole batch."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    T = 360 if block else 300  # a byte-level prompt needs >= 251 regular tokens
+    kw = dict(seq_len=T, micro_batch_size=8, synthetic_tokens=20000, passkey_targets="all", passkey_fraction=0.4)
+    lm = dict(landmark_block=block) if block else {}
+    s, vocab = D.make_sampler(_cfg(**kw), TOK, 0, 1, 0, 1, **lm)
+    assert isinstance(s, D.MixedSampler) and vocab == TOK.vocab_size
+    packed, _ = D.make_sampler(_cfg(**{**kw, "passkey_fraction": 0.0}), TOK, 0, 1, 0, 1, **lm)
+    assert isinstance(packed, D.PackedSampler)
+    pk_s, _ = D.make_sampler(_cfg(**{**kw, "kind": "passkey", "passkey_fraction": 0.0}), TOK, 0, 1, 0, 1, **lm)
+    flags = []
+    for step in (3, 0, 3):
+        b = s.batch(step)
+        ref_pk, ref_packed = pk_s.batch(step), packed.batch(step)
+        for i, g in enumerate(s.global_indices(step)):
+            ref = ref_pk if s.is_passkey(g) else ref_packed
+            flags.append(s.is_passkey(g))
+            for k in KEYS:
+                assert torch.equal(b[k][i], ref[k][i]), (k, g)
+    share = np.mean([s.is_passkey(g) for g in range(2000)])
+    assert 0.35 < share < 0.45 and any(flags) and not all(flags)
+    for P in (2, 3):
+        shards = [D.make_sampler(_cfg(**kw), TOK, 0, 1, r, P, **lm)[0].batch(1) for r in range(P)]
+        full = s.batch(1)
+        for sh in shards:
+            pos = sh["positions"][0]
+            real = pos < T
+            for k in KEYS:
+                assert torch.equal(sh[k][:, real], full[k][:, pos[real]]), k
+            assert (sh["labels"][:, ~real] == -100).all()
+    with pytest.raises(ValueError, match="passkey_fraction"):
+        D.make_sampler(_cfg(**{**kw, "kind": "passkey"}), TOK, 0, 1, 0, 1)
+    from longctx.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="passkey_fraction"):
+        load_config(base={"data": {"passkey_fraction": 1.5}})
