@@ -130,35 +130,36 @@ def _chunk_coefs(g: Gates, last: Tensor) -> _Coefs:
 # ---------------------------------------------------------------------------------------------
 # One chunk: outputs and end state, closed form.
 
-def _chunk_depth1(q, k, v, cf, i, weights, momentum, gw):
-    """q, k, v: (B, H, c, d) of chunk i; weights/momentum/gw: (W,). Returns y, new W, new S."""
+def _chunk_depth1(q, k, v, cf, weights, momentum, gw):
+    """q, k, v: (B, H, c, d) of one chunk; cf: that chunk's coefficients (the chunk axis taken
+    out); weights/momentum/gw: (W,). Returns y, new W, new S."""
     (W,), (S,), (Wg,) = weights, momentum, gw
     e = k @ Wg - v                                                     # (B, H, c, d) errors at chunk start
-    G, C = cf.G[:, :, i, :, None], cf.C[:, :, i, :, None]
-    qk = (q @ k.transpose(-1, -2)) * cf.coef[:, :, i]                  # (B, H, c, c)
+    G, C = cf.G[..., None], cf.C[..., None]
+    qk = (q @ k.transpose(-1, -2)) * cf.coef                           # (B, H, c, c)
     y = G * (q @ W) + C * (q @ S) - 2 * (qk @ e)
     kT = k.transpose(-1, -2)
-    S_new = cf.P_end[:, :, i, None, None] * S - 2 * kT @ (cf.wS[:, :, i, :, None] * e)
-    W_new = (cf.G_end[:, :, i, None, None] * W + cf.C_end[:, :, i, None, None] * S
-             - 2 * kT @ (cf.wW[:, :, i, :, None] * e))
+    S_new = cf.P_end[..., None, None] * S - 2 * kT @ (cf.wS[..., None] * e)
+    W_new = (cf.G_end[..., None, None] * W + cf.C_end[..., None, None] * S
+             - 2 * kT @ (cf.wW[..., None] * e))
     return y, (W_new,), (S_new,)
 
 
-def _chunk_depth2(q, k, v, cf, i, weights, momentum, gw):
+def _chunk_depth2(q, k, v, cf, weights, momentum, gw):
     """Depth-2 chunk: M(x) = x + silu(x W1) W2. Gradients at the chunk-start weights gw."""
     (W1, W2), (S1, S2), (W1g, W2g) = weights, momentum, gw
     zk = k @ W1g                                                       # (B, H, c, h)
     ak = F.silu(zk)
     e = k + ak @ W2g - v                                               # (B, H, c, d)
     delta = (e @ W2g.transpose(-1, -2)) * silu_grad(zk)                # (B, H, c, h): ∂ℓ/∂z / 2
-    G, C = cf.G[:, :, i, :, None], cf.C[:, :, i, :, None]
-    coef = cf.coef[:, :, i]
+    G, C = cf.G[..., None], cf.C[..., None]
+    coef = cf.coef
     zq = G * (q @ W1) + C * (q @ S1) - 2 * (((q @ k.transpose(-1, -2)) * coef) @ delta)  # q_i W1_i
     aq = F.silu(zq)
     y = q + G * (aq @ W2) + C * (aq @ S2) - 2 * (((aq @ ak.transpose(-1, -2)) * coef) @ e)
     kT, aT = k.transpose(-1, -2), ak.transpose(-1, -2)
-    wS, wW = cf.wS[:, :, i, :, None], cf.wW[:, :, i, :, None]
-    P, Ge, Ce = (t[:, :, i, None, None] for t in (cf.P_end, cf.G_end, cf.C_end))
+    wS, wW = cf.wS[..., None], cf.wW[..., None]
+    P, Ge, Ce = (t[..., None, None] for t in (cf.P_end, cf.G_end, cf.C_end))
     S1n = P * S1 - 2 * kT @ (wS * delta)
     S2n = P * S2 - 2 * aT @ (wS * e)
     W1n = Ge * W1 + Ce * S1 - 2 * kT @ (wW * delta)
@@ -191,11 +192,16 @@ def _scan_group(q, k, v, g: Gates, c: int, weights, momentum, first_gw, norms: L
     last[-1] = c - 1 - pad
     cf = _chunk_coefs(Gates(*(split(t) for t in g)), last)
     step = _chunk_depth1 if len(weights) == 1 else _chunk_depth2
+    # One unbind per tensor, not an index per chunk: the backward of x[:, :, i] is a zero tensor of
+    # x's full size, so indexing chunk by chunk costs O(n) per chunk, O(n^2) per scan (the
+    # backward of a 16K-token scan took 3x its 8K one); unbind's backward stacks, O(n) in all.
+    qs, ks, vs = q.unbind(2), k.unbind(2), v.unbind(2)
+    cfs = [_Coefs(*t) for t in zip(*(f.unbind(2) for f in cf))]
     ys = []
     gw = weights
     for i in range(n):
         gw = first_gw if (i == 0 and first_gw is not None) else weights
-        y, weights, momentum = step(q[:, :, i], k[:, :, i], v[:, :, i], cf, i, weights, momentum, gw)
+        y, weights, momentum = step(qs[i], ks[i], vs[i], cfs[i], weights, momentum, gw)
         ys.append(y)
         norms.append(torch.maximum(_max_norm(weights), _max_norm(momentum)))
     y = torch.cat(ys, 2)[:, :, :T]
@@ -274,11 +280,15 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, heads: int, depth: int, chunk: int, max_lr: float, expansion: int = 2,
-                 conv: int = 4, max_state_norm: float = 1e4, norm_eps: float = 1e-5, name: str = "titans memory"):
+                 conv: int = 4, max_state_norm: float = 1e4, norm_eps: float = 1e-5, name: str = "titans memory",
+                 recompute: int = 0):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"{name}: d_model={d_model} is not divisible by heads={heads}")
         self.name, self.heads, self.depth, self.chunk = name, heads, depth, chunk
+        # recompute > 0: in training, the module runs `recompute` tokens at a time, each piece
+        # checkpointed with the state entering it (see forward)
+        self.recompute = int(recompute)
         self.max_lr, self.max_state_norm, self.kernel = max_lr, max_state_norm, conv
         self.head_dim = hd = d_model // heads
         inner = heads * hd
@@ -336,12 +346,52 @@ class NeuralMemory(nn.Module):
         return self.output(memory_apply(state["mem"].weights, q), x_BLD), tail
 
     def forward(self, x_BLD: Tensor, state: Optional[dict] = None) -> Tuple[Tensor, dict]:
-        """(y_BLD, state after the segment); state: {"mem": MemoryState, "conv": tail or None}."""
+        """(y_BLD, state after the segment); state: {"mem": MemoryState, "conv": tail or None}.
+
+        With `recompute` > 0, in training (gradients on) and on sequences longer than that, the
+        sequence runs in pieces of `recompute` tokens, the state handed from piece to piece (exact:
+        the carried state continues a run at any split), each piece under a non-reentrant
+        checkpoint: what stays between forward and backward is the piece inputs (views of x) and
+        the state entering each piece; a piece's projections, chunk coefficients and per-chunk
+        weights exist only while it is (re)computed. Costs one more forward of the module."""
         if state is None:
             state = self.initial_state(x_BLD.shape[0], x_BLD.dtype)
+        if self.recompute and torch.is_grad_enabled() and x_BLD.shape[1] > self.recompute:
+            return self._forward_pieces(x_BLD, state)
+        return self._forward_one(x_BLD, state)
+
+    def _forward_one(self, x_BLD: Tensor, state: dict) -> Tuple[Tensor, dict]:
         q, k, v, tail = self.project(x_BLD, state["conv"])
         y, mem = self.scan(q, k, v, self.gates(x_BLD), state["mem"])
         return self.output(y, x_BLD), {"mem": mem, "conv": tail}
+
+    def _forward_pieces(self, x_BLD: Tensor, state: dict) -> Tuple[Tensor, dict]:
+        from torch.utils.checkpoint import checkpoint
+        B, L, _ = x_BLD.shape
+        mem, tail = state["mem"], state["conv"]
+        if tail is None:
+            tail = x_BLD.new_zeros(B, self.kernel - 1, self.qkv_proj.out_features)
+        ys = []
+        for a in range(0, L, self.recompute):
+            n = len(mem.weights)
+            has_gw = mem.grad_weights is not None
+            flat = [*mem.weights, *mem.momentum, *(mem.grad_weights if has_gw else ()), tail]
+
+            def piece(x, *fl, n=n, has_gw=has_gw, off=mem.offset):
+                gw = tuple(fl[2 * n:3 * n]) if has_gw else None
+                st = {"mem": MemoryState(tuple(fl[:n]), tuple(fl[n:2 * n]), gw, off), "conv": fl[-1]}
+                y, out = self._forward_one(x, st)
+                m = out["mem"]
+                # the offset is a plain int, known before the piece runs: (a + piece length) mod chunk
+                return (y, *m.weights, *m.momentum, *(m.grad_weights or ()), out["conv"])
+
+            nxt_off = (mem.offset + min(self.recompute, L - a)) % self.chunk
+            res = checkpoint(piece, x_BLD[:, a:a + self.recompute], *flat, use_reentrant=False)
+            ys.append(res[0])
+            w, mo = tuple(res[1:1 + n]), tuple(res[1 + n:1 + 2 * n])
+            gw = tuple(res[1 + 2 * n:1 + 3 * n]) if nxt_off else None
+            mem, tail = MemoryState(w, mo, gw, nxt_off), res[-1]
+        return torch.cat(ys, 1), {"mem": mem, "conv": tail}
 
 
 def detach_state(state: dict) -> dict:

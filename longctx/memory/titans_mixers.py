@@ -39,7 +39,8 @@ Tensor = torch.Tensor
 def build_memory(cfg, layer_idx: int, name: str) -> NeuralMemory:
     m = cfg.memory
     return NeuralMemory(cfg.d_model, m.heads or cfg.n_heads, m.depth, m.chunk, m.max_lr, m.expansion, m.conv,
-                        m.max_state_norm, cfg.norm_eps, name=f"{name} mixer (layer {layer_idx})")
+                        m.max_state_norm, cfg.norm_eps, name=f"{name} mixer (layer {layer_idx})",
+                        recompute=getattr(m, "recompute", 0))
 
 
 def memory_fwd_flops(cfg, heads: Optional[int] = None):
@@ -125,6 +126,9 @@ class TitansMemory(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.mem = build_memory(cfg, layer_idx, "memory")
+        # with model.memory.recompute the module checkpoints its own pieces (the block is then not
+        # checkpointed as a whole: transformer.Block.checkpointed)
+        self.recomputes_itself = self.mem.recompute > 0
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
         _no_docs(ctx, "memory", sp_ok=True)
