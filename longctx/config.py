@@ -38,6 +38,10 @@ class MemoryConfig:
     window: int = 256           # sliding-window attention of mag / mal
     segment: int = 256          # mac segment length (a multiple of chunk)
     n_persistent: int = 4       # mac persistent memory tokens
+    # Training: run the memory this many tokens at a time, each piece recomputed in backward
+    # (memory linear in length with a small constant); 0: off. A memory layer that does this is
+    # not also checkpointed as a whole block (model.activation_checkpointing skips it).
+    recompute: int = 0
 
 
 @dataclass
@@ -94,6 +98,9 @@ class ModelConfig:
     # Landmark attention (mixer `landmark`): a landmark token follows every landmark_block
     # regular tokens; the data pipeline inserts them when a layer uses the mixer.
     landmark_block: int = 64
+    # Sliding-window softmax attention (mixer `swa`): each token sees itself and the
+    # swa_window - 1 tokens before it.
+    swa_window: int = 256
 
 
 @dataclass
@@ -388,6 +395,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}: use a divisor of n_heads "
           f"({[h for h in range(1, m.n_heads + 1) if m.n_heads % h == 0]})")
     _need(len(m.mixers) >= 1, "model.mixers is empty: give a pattern such as [softmax]")
+    _need(m.swa_window >= 1, f"model.swa_window={m.swa_window} must be >= 1 (tokens each swa query sees, itself included)")
     _need(m.landmark_block >= 1, f"model.landmark_block={m.landmark_block} must be >= 1 (regular tokens per landmark)")
     from longctx.model.mixers import MIXERS  # local: the registry imports model code
     for name in m.mixers:
@@ -416,6 +424,13 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _need(not bad, f"parallel.sp={p.sp}: mixer(s) {', '.join(bad)} in model.mixers cannot run sequence-parallel "
                        f"yet; use parallel.sp=1 or mixers that can: "
                        f"{', '.join(sorted(k for k in MIXERS if sp_capable(k)))}")
+        if "swa" in m.mixers:
+            from longctx.parallel.sharding import padded_length
+            shard = padded_length(d.seq_len, p.sp, "contiguous") // p.sp
+            _need(shard >= m.swa_window - 1,
+                  f"parallel.sp={p.sp}: each rank's {shard} tokens are fewer than model.swa_window - 1 = "
+                  f"{m.swa_window - 1} (the window's keys come from the previous rank only): use fewer ranks, a "
+                  f"longer data.seq_len or a smaller model.swa_window")
         if any(n in ("softmax",) for n in m.mixers):
             from longctx.parallel.ulysses import check_heads
             why = check_heads(m.n_heads, kv, ulysses, p.sp)
@@ -431,9 +446,12 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                   f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
                   f"model.memory.chunk={m.memory.chunk}, which the memory hand-off between ranks needs: use "
                   f"data.seq_len={-(-d.seq_len // (p.sp * m.memory.chunk)) * p.sp * m.memory.chunk}")
-            _need(not m.activation_checkpointing,
+            _need(not m.activation_checkpointing or (m.memory.recompute > 0 and not any(n in ("mag", "mal")
+                                                                                     for n in m.mixers)),
                   "model.activation_checkpointing with sequence-parallel memory layers would resend the memory "
-                  "state when the forward is recomputed: set it false (or parallel.sp=1)")
+                  "state when the forward is recomputed: set it false (or parallel.sp=1), or, for `memory` "
+                  "layers (not mag/mal), set model.memory.recompute (the layer then recomputes itself piece by "
+                  "piece and is not checkpointed as a block)")
         _need(ring == 1 or not any(n == "landmark" for n in m.mixers),
               f"parallel.sp_ring={ring}: landmark attention runs under Ulysses only; set parallel.sp_ring=1 "
               f"(sp_ulysses={p.sp})")
@@ -505,6 +523,9 @@ def validate_memory(m) -> None:
     for key in ("chunk", "expansion", "conv", "window", "segment"):
         v = mm[key]
         _need(v >= 1, f"model.memory.{key}={v} must be >= 1")
+    _need(mm.recompute >= 0 and mm.recompute % mm.chunk == 0,
+          f"model.memory.recompute={mm.recompute} must be 0 (off) or a positive multiple of model.memory.chunk="
+          f"{mm.chunk}, e.g. {64 * mm.chunk}")
     _need(mm.n_persistent >= 0, f"model.memory.n_persistent={mm.n_persistent} must be >= 0")
     _need(mm.max_lr > 0, f"model.memory.max_lr={mm.max_lr} must be > 0 (values >= 1 diverge with l2-normalised keys)")
     _need(mm.max_state_norm > 0, f"model.memory.max_state_norm={mm.max_state_norm} must be > 0")

@@ -33,6 +33,7 @@ def build_mixer(name: str, cfg, layer_idx: int):
 from longctx.model import lightning as _lightning  # noqa: E402,F401
 from longctx.model import softmax as _softmax  # noqa: E402,F401
 from longctx.model import landmark as _landmark  # noqa: E402,F401
+from longctx.model import swa as _swa  # noqa: E402,F401
 from longctx.memory import titans_mixers as _titans  # noqa: E402,F401
 
 

@@ -93,6 +93,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden or llama_ffn_hidden(cfg.d_model),
                           tile=getattr(cfg, "mlp_tile", 0))
+        # a mixer that recomputes itself piece by piece (the Titans memory with
+        # model.memory.recompute) is not checkpointed again as a whole block
+        self.checkpointed = not getattr(self.mixer, "recomputes_itself", False)
 
     def forward(self, x_BLD: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         x = x_BLD + self.mixer(self.attn_norm(x_BLD), ctx)
@@ -132,7 +135,7 @@ class DecoderLM(nn.Module):
         """Final-norm hidden states (B, L, D)."""
         x = self.embed(input_ids_BL)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self.activation_checkpointing and layer.checkpointed and self.training and torch.is_grad_enabled():
                 if self.offload_activations:  # the checkpoint keeps x_host, not x
                     x = checkpoint(_run_onloaded, layer, offload_to_host(x), ctx, x.device, use_reentrant=False)
                 else:

@@ -55,6 +55,11 @@ MIXER_CASES = {
                "data.mask_documents=false"],
     "mag": ["model.mixers=[mag]", "model.memory.chunk=8", "model.memory.window=6", "data.seq_len=64",
             "data.mask_documents=false"],
+    # the million-token model's layers with every memory-lean setting: lightning state passing,
+    # swa halo exchange, memory hand-off with its pieces recomputed, blocks checkpointed
+    "hybrid_lean": ["model.mixers=[lightning,swa,memory]", "model.n_layers=3", "model.swa_window=5",
+                    "model.memory.chunk=8", "model.memory.recompute=16", "model.activation_checkpointing=true",
+                    "model.loss_chunk=24", "model.mlp_tile=40", "data.seq_len=64", "data.mask_documents=false"],
 }
 
 
