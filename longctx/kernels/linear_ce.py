@@ -41,11 +41,13 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk: int, ignore_index: int):
+    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk: int, ignore_index: int,
+                grad_enabled: bool = True):
         N, D = h_ND.shape
         V = weight_VD.shape[0]
         acc = torch.promote_types(h_ND.dtype, torch.float32)  # logits, log-sum-exp and loss
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores no_grad / inference_mode: without grad mode, no dh / dW work
+        need_h, need_w = (grad_enabled and ctx.needs_input_grad[0]), (grad_enabled and ctx.needs_input_grad[1])
         valid = labels_N != ignore_index
         rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # (n,) target rows
         n = N if rows is None else rows.numel()
@@ -90,7 +92,7 @@ class _LinearCE(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = None if dh is None else (dh * grad_loss.to(dh.dtype)).to(h_dtype)
         gw = None if dw is None else (dw * grad_loss.to(dw.dtype)).to(w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk: int = 4096,
@@ -121,5 +123,5 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chun
         bad = y[valid & ((y < 0) | (y >= weight_VD.shape[0]))][0].item()
         raise ValueError(f"linear_cross_entropy: label {bad} is outside the vocabulary [0, {weight_VD.shape[0]}) "
                          f"(and is not ignore_index={ignore_index})")
-    loss = _LinearCE.apply(h, weight_VD, y, int(chunk), int(ignore_index))
+    loss = _LinearCE.apply(h, weight_VD, y, int(chunk), int(ignore_index), torch.is_grad_enabled())
     return loss, n_tokens

@@ -244,14 +244,15 @@ class RetrievalStream:
         own top-k blocks). Returns the final hidden states (B, n, D) of the fed tokens."""
         from longctx.model.transformer import SeqContext
         W = self.block + 1
-        ids = torch.as_tensor(np.asarray(stream_ids, dtype=np.int64))
+        dev = self.model.head_weight.device  # the model's device (the cache's store may be the host)
+        ids = torch.as_tensor(np.asarray(stream_ids, dtype=np.int64), device=dev)
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.dim() != 2:
             raise ValueError(f"RetrievalStream.feed: ids of shape {tuple(ids.shape)}; pass (n,) or (rows, n)")
         B, outs, a = ids.shape[0], [], 0
         while a < ids.shape[1]:
             b = min(ids.shape[1], a + W - (self.pos % W))  # up to the end of the open group
-            ctx = SeqContext(positions=torch.arange(self.pos, self.pos + b - a)[None].expand(B, -1),
+            ctx = SeqContext(positions=torch.arange(self.pos, self.pos + b - a, device=dev)[None].expand(B, -1),
                              state=self.state, carry=True)
             outs.append(self.model.hidden(ids[:, a:b], ctx))
             self.pos += b - a
@@ -281,7 +282,7 @@ class RetrievalStream:
         done = np.zeros(len(rows), dtype=bool)
         for _ in range(max_new_tokens):
             logits = torch.nn.functional.linear(self.last_hidden, self.model.head_weight)  # (B, V)
-            t = logits.argmax(-1).numpy()
+            t = logits.argmax(-1).cpu().numpy()
             for i, ti in enumerate(t.tolist()):
                 done[i] |= eos_id is not None and ti == eos_id
                 if not done[i]:

@@ -84,6 +84,19 @@ def test_no_grad_and_frozen_weight():
     torch.testing.assert_close(hg.grad, href.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_no_gradient_work_without_grad_mode():
+    """Under no_grad (an evaluation loss) the dh / dW buffers are not formed even when the
+    inputs require grad (autograd's needs_input_grad does not see grad mode)."""
+    from longctx.train.metrics import peak_tensor_bytes
+    N, D, V = 4096, 64, 50
+    h, w, y = case(N, D, V, torch.float32)
+    h.requires_grad_(), w.requires_grad_()
+    with torch.no_grad():
+        loss, peak = peak_tensor_bytes(lambda: linear_cross_entropy(h, w, y, 64)[0])
+    torch.testing.assert_close(loss, plain(h.detach(), w.detach(), y), rtol=1e-5, atol=1e-4)
+    assert peak < N * D * 4 / 8, peak  # a dh buffer alone would be N * D * 4 bytes
+
+
 def test_bad_inputs_are_named():
     h, w, y = case(10, 8, 13, torch.float32)
     with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
