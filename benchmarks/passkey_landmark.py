@@ -4,10 +4,9 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
 1. Train a landmark model (configs/passkey-landmark-cpu.yaml) and the same model with plain
    softmax attention (model.mixers=[softmax], data.seq_len=512) with `longctx train`, each in
    two stages (a curriculum): `short` on 128-token passkey prompts, batch 32, where copying the
-   key is learnt (the landmark model with one landmark per 128 tokens: plain causal softmax),
-   then `long` on 512-token windows from the short stage's weights (init.from_checkpoint), where
-   the landmark model (a landmark per 32 tokens) learns to reach the key through its block's
-   landmark. Tokens: a word-level tokenizer of the passkey vocabulary, digits one token each
+   key is learnt (the landmark model already with a landmark per 32 tokens, so it learns to
+   reach the key through its block's landmark), then `long` on 512-token windows from the short
+   stage's weights (init.from_checkpoint). Tokens: a word-level tokenizer of the passkey vocabulary, digits one token each
    (written to the work folder; as a subword tokenizer splits digits, without the byte-level
    ambiguity of "sky is " / "key is "). On 512-token windows alone neither model learnt to copy
    the key within 400 steps here; on 128-token prompts the plain model did after ~450.
@@ -56,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
 PLAIN = ["model.mixers=[softmax]", "data.seq_len=512"]
 # the short stage of each model: 128 regular tokens per window, batch 32 (same tokens per step)
-SHORT = {"landmark": ["model.landmark_block=128", "data.seq_len=129"], "plain": ["data.seq_len=128"]}
+SHORT = {"landmark": ["data.seq_len=132"], "plain": ["data.seq_len=128"]}  # landmark: 4 blocks of 32
 SHORT_COMMON = ["data.micro_batch_size=32", "train.lr=3e-3"]
 
 
