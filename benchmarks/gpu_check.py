@@ -2,6 +2,7 @@
 reference at full size, then timings beside peers measured in the same run.
 
     python benchmarks/gpu_check.py [--quick] [--only flash,lightning] [--out results.json]
+    python benchmarks/gpu_check.py --report results.json      # markdown tables, no GPU needed
 
 Every later kernel adds its case to CHECKS (correctness) and TIMINGS (speed), named
 check_<kernel> / time_<kernel> so that --only <kernel> selects it. Sized to finish well inside
@@ -328,6 +329,51 @@ def time_landmark(quick: bool):
         torch.cuda.empty_cache()
 
 
+# --- markdown tables from a results JSON (docs/benchmarks.md is written from these, never by hand) ---
+def _ms(x) -> str:
+    return f"{x * 1e3:.2f}" if isinstance(x, float) else str(x)
+
+
+def report(res: dict) -> str:
+    """Markdown tables of the lightning and landmark parts of a gpu_check JSON."""
+    out = [f"Device: {res.get('device')}; wall {res.get('wall_s', 0):.0f} s.", ""]
+    checks = [c for c in res["checks"] if c.get("kernel") in ("lightning", "landmark")]
+    if checks:
+        out += ["| kernel | dtype | shape | max rel err (tol) | worst tensor | ok |", "|---|---|---|---|---|---|"]
+        for c in checks:
+            if "rel_err" not in c:
+                out.append(f"| {c['kernel']} | | | | {c.get('error', '')[:80]} | False |")
+                continue
+            worst = max(c["rel_err"], key=c["rel_err"].get)
+            shape = f"T={c['T']} H={c['H']}" + (f" Hkv={c['Hkv']}" if "Hkv" in c else "") + f" D={c['D']}"
+            shape += f" block={c['block']}" if "block" in c else (" docs" if c.get("docs") else "")
+            out.append(f"| {c['kernel']} | {c['dtype'].replace('torch.', '')} | {shape} | "
+                       f"{c['rel_err'][worst]:.1e} ({c['tol']:g}) | {worst} | {c['ok']} |")
+        out.append("")
+    lt = [t for t in res["timings"] if t["kernel"] == "lightning"]
+    if lt:
+        out += ["Lightning (bf16, B=1, H=16, D=128), ms; ratio = fla time / ours (above 1: ours faster):", "",
+                "| T | fwd ours | fwd fla | fwd fla/ours | fwd / bandwidth floor | fwd+bwd ours | fwd+bwd fla "
+                "| fwd+bwd fla/ours | fwd+bwd SDPA (causal softmax) |", "|---|---|---|---|---|---|---|---|---|"]
+        for t in lt:
+            rf = t["fla_fwd_s"] / t["ours_fwd_s"] if "fla_fwd_s" in t else float("nan")
+            rb = t["fla_fwdbwd_s"] / t["ours_fwdbwd_s"] if "fla_fwdbwd_s" in t else float("nan")
+            out.append(f"| {t['T'] // 1024}K | {_ms(t['ours_fwd_s'])} | {_ms(t.get('fla_fwd_s', '-'))} | {rf:.2f}x | "
+                       f"{t['fwd_vs_floor']:.1f}x | {_ms(t['ours_fwdbwd_s'])} | {_ms(t.get('fla_fwdbwd_s', '-'))} | "
+                       f"{rb:.2f}x | {_ms(t.get('sdpa_fwdbwd_s', '-'))} |")
+        out.append("")
+    lm = [t for t in res["timings"] if t["kernel"] == "landmark"]
+    if lm:
+        out += ["Landmark (bf16, B=1, H=16, D=128, block 64) beside our causal flash kernel, ms:", "",
+                "| T | fwd landmark | fwd flash | fwd ratio | fwd+bwd landmark | fwd+bwd flash | fwd+bwd ratio (goal <= 1.5) |",
+                "|---|---|---|---|---|---|---|"]
+        for t in lm:
+            out.append(f"| {t['T'] // 1024}K | {_ms(t['landmark_fwd_s'])} | {_ms(t['flash_fwd_s'])} | "
+                       f"{t.get('landmark_over_flash_fwd', float('nan')):.2f}x | {_ms(t['landmark_fwdbwd_s'])} | "
+                       f"{_ms(t['flash_fwdbwd_s'])} | {t.get('landmark_over_flash_fwdbwd', float('nan')):.2f}x |")
+    return "\n".join(out)
+
+
 CHECKS = [check_lightning, check_flash, check_landmark]
 TIMINGS = [time_lightning, time_flash, time_landmark]
 
@@ -351,9 +397,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the markdown tables of a results JSON (no GPU needed) and exit")
     known = sorted({_kernel_of(f) for f in CHECKS + TIMINGS})
     p.add_argument("--only", default=None, help=f"comma list of kernels to run, of: {', '.join(known)}")
     args = p.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(report(json.load(f)))
+        return
     only = known if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only) - set(known))
     if unknown:
