@@ -1,4 +1,4 @@
-"""`longctx` command line: train | eval | extend | plot | data | info (plan arrives with its issue).
+"""`longctx` command line: train | plan | eval | extend | plot | data | info.
 
 Errors that a user can fix (config, data, checkpoints) print one line, `error: ...`, and exit 2.
 A collective that failed because a peer rank died or hung prints one line on each rank that saw
@@ -27,9 +27,39 @@ def _user_errors():
 def cmd_train(args) -> int:
     from longctx.config import load_config
     from longctx.train.trainer import train
-    cfg = load_config(args.config, args.overrides)
+    extra = [f"train.memory_gib={args.memory_gib}"] if args.memory_gib is not None else []
+    cfg = load_config(args.config, list(args.overrides or []) + extra)
     train(cfg, resume=args.resume)
     return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from longctx.config import load_config
+    from longctx.train import planner
+    ov = list(args.overrides or [])
+    if args.seq_len:
+        ov.append(f"data.seq_len={args.seq_len}")
+    cfg = load_config(args.config, ov + ([f"model.max_seq_len={args.seq_len}"] if args.seq_len else []),
+                      world_size=args.world_size)
+    p = planner.plan(cfg, args.world_size)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=1))
+    else:
+        print(planner.format_plan(p, args.flops_per_s))
+    here = args.ranks_per_node or args.world_size
+    budget = args.memory_gib * planner.GIB if args.memory_gib else planner.available_bytes()
+    if budget is None:
+        return 0
+    ok, _, msg = planner.check_fits(cfg, args.world_size, here, budget)
+    src = f"--memory-gib {args.memory_gib:g}" if args.memory_gib else "this machine's available memory"
+    if ok:
+        print(f"fits: {here} rank(s) x {p.peak_bytes / planner.GIB:.2f} GiB <= {budget / planner.GIB:.2f} GiB ({src})",
+              file=sys.stderr if args.json else sys.stdout)
+        return 0
+    print(f"does not fit ({src}): {msg}", file=sys.stderr)
+    return 1
 
 
 def cmd_data_prepare(args) -> int:
@@ -168,7 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto': continue from the newest complete checkpoint in the run dir (fresh if none); "
                         "a checkpoint folder: continue from it; default: fresh start, refused if the run dir "
                         "already holds checkpoints")
+    t.add_argument("--memory-gib", type=float, default=None,
+                   help="memory this machine's ranks may use together (GPU: each device), GiB; a run the planner "
+                        "says will not fit is refused before anything is allocated (default: what is available)")
     t.set_defaults(func=cmd_train)
+
+    pn = sub.add_parser("plan", help="predict a training step's peak memory per rank and its FLOPs from a config")
+    pn.add_argument("config", help="YAML config (see configs/)")
+    pn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.loss_chunk=2048")
+    pn.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.seq_len)")
+    pn.add_argument("--world-size", type=int, required=True, help="ranks (dp x sp)")
+    pn.add_argument("--memory-gib", type=float, default=None,
+                    help="budget for this machine's ranks together, GiB (default: this machine's available memory)")
+    pn.add_argument("--ranks-per-node", type=int, default=None,
+                    help="ranks sharing one machine's memory (default: all of them)")
+    pn.add_argument("--flops-per-s", type=float, default=None,
+                    help="achieved FLOP/s per rank: also print a predicted time per step")
+    pn.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pn.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("data", help="prepare token files")
     dsub = d.add_subparsers(dest="data_command", required=True)

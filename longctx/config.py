@@ -94,6 +94,11 @@ class ModelConfig:
     loss_chunk: int = 0
     mlp_tile: int = 0
     offload_activations: bool = False
+    # With activation_checkpointing and mlp_tile: false checkpoints only each block's mixer half,
+    # so its MLP is not run again in the recomputation (its tiles recompute their own gate/up in
+    # backward anyway): one MLP forward less per block and step, for two more values of d_model
+    # per token and block kept (the MLP's input and its normalised copy).
+    recompute_mlp: bool = True
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # Landmark attention (mixer `landmark`): a landmark token follows every landmark_block
     # regular tokens; the data pipeline inserts them when a layer uses the mixer.
@@ -168,6 +173,16 @@ class TrainConfig:
     # Peak FLOP/s used for MFU; None measures a matmul rate at start-up.
     peak_flops: Optional[float] = None
     threads: Optional[int] = None
+    # Before anything is allocated, the planner (train/planner.py) predicts the step's peak memory
+    # per rank; a run that would not fit is refused with the numbers and settings that would.
+    # memory_gib: what this machine (CPU: all its ranks together) or device may use; None = what
+    # it has available now (MemAvailable, or the GPU's free memory).
+    memory_check: bool = True
+    memory_gib: Optional[float] = None
+    # CPU: allocations of at least this many MiB get their own mappings, returned to the OS when
+    # freed (kernels/cpu.py mmap_large); None keeps every allocation in the heap (fastest, but the
+    # heap can reach 2-3x the live tensors of a long step).
+    malloc_mmap_mib: Optional[float] = None
 
 
 @dataclass
@@ -463,6 +478,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _need(world_size % p.sp == 0,
               f"world size {world_size} is not divisible by parallel.sp={p.sp}: launch a multiple of {p.sp} "
               f"processes or set parallel.sp to a divisor of {world_size}")
+    _need(t.memory_gib is None or t.memory_gib > 0, f"train.memory_gib={t.memory_gib} must be > 0 (GiB) or null")
+    _need(t.malloc_mmap_mib is None or t.malloc_mmap_mib > 0,
+          f"train.malloc_mmap_mib={t.malloc_mmap_mib} must be > 0 (MiB) or null")
     _need(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _need(t.stop_after is None or 1 <= t.stop_after <= t.steps,
@@ -492,6 +510,9 @@ def validate_lean(m) -> None:
                       ("mlp_tile", "tokens per tile of the MLP, e.g. 8192")):
         v = m[key]
         _need(v >= 0, f"model.{key}={v} must be >= 0: 0 for the plain path, or {what}")
+    _need(m.recompute_mlp or (m.activation_checkpointing and m.mlp_tile > 0 and not m.offload_activations),
+          "model.recompute_mlp=false needs model.activation_checkpointing=true and model.mlp_tile > 0 (the tiled "
+          "MLP keeps only its input), without model.offload_activations")
     _need(not m.offload_activations or m.activation_checkpointing,
           "model.offload_activations=true needs model.activation_checkpointing=true (what is offloaded is "
           "each checkpointed block's input): set both, or offload_activations=false")

@@ -317,7 +317,12 @@ class NeuralMemory(nn.Module):
         if tail is None:
             tail = p.new_zeros(B, K - 1, p.shape[-1])
         ext = torch.cat([tail.to(p.dtype), p], 1)                           # (B, K−1+L, C)
-        conv = F.conv1d(ext.transpose(1, 2), self.conv_weight[:, None, :], groups=p.shape[-1]).transpose(1, 2)
+        # depthwise causal conv as K shifted multiply-adds (the same sum as F.conv1d with groups=C;
+        # on the CPU several times faster than its depthwise kernel, backward especially)
+        w = self.conv_weight.to(p.dtype)
+        conv = ext[:, 0:L] * w[:, 0]
+        for j in range(1, K):
+            conv = conv + ext[:, j:j + L] * w[:, j]
         h = F.silu(p + conv)
         new_tail = ext[:, ext.shape[1] - (K - 1):]
         q, k, v = h.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)

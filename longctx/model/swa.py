@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.kernels.flash import flash_attn
+from longctx.parallel.comm import wait_all
 from longctx.model.mixers import register_mixer
 from longctx.model.softmax import SoftmaxAttention
 
@@ -35,8 +36,7 @@ def _exchange(sp, send, like, op: str):
         bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
         ops += [dist.P2POp(dist.irecv, b, g(sp.group, sp.rank - 1), group=sp.group) for b in bufs]
     if ops:
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
     if bufs:
         from longctx.parallel.comm import COMM
         COMM.add(op, sum(b.numel() * b.element_size() for b in bufs))
@@ -53,8 +53,7 @@ def _exchange_back(sp, send, like, op: str):
         bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
         ops += [dist.P2POp(dist.irecv, b, g(sp.group, sp.rank + 1), group=sp.group) for b in bufs]
     if ops:
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
     if bufs:
         from longctx.parallel.comm import COMM
         COMM.add(op, sum(b.numel() * b.element_size() for b in bufs))
@@ -111,6 +110,9 @@ class SlidingWindowAttention(SoftmaxAttention):
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
         self.window = int(cfg.swa_window)
+        # torch-path tile: a query tile of b sees at most window - 1 + b keys, in key tiles of b;
+        # 128 for windows up to 256 (measured 16% faster than 256 at window 256 on the CPU)
+        self.block = 128 if self.window <= 256 else 256
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
         q, k, v = self.project(x_BLD, ctx)
@@ -136,6 +138,6 @@ class SlidingWindowAttention(SoftmaxAttention):
                 td = _exchange(ctx.sp, [doc[:, L - keep:]], [doc[:, L - keep:]], "swa_halo_docs")
                 k_doc = torch.cat([td[0] if td else doc[:, :0], doc], 1)
         o, _ = flash_attn(q, k, v, causal=True, window=self.window, doc_ids=None if doc is None else (doc, k_doc),
-                          q_pos=pos, k_pos=k_pos)
+                          q_pos=pos, k_pos=k_pos, block=self.block)
         return self.merge(o)
 

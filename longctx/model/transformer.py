@@ -98,8 +98,13 @@ class Block(nn.Module):
         self.checkpointed = not getattr(self.mixer, "recomputes_itself", False)
 
     def forward(self, x_BLD: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
-        x = x_BLD + self.mixer(self.attn_norm(x_BLD), ctx)
-        return x + self.mlp(self.mlp_norm(x))
+        return self.mlp_half(self.mixer_half(x_BLD, ctx))
+
+    def mixer_half(self, x_BLD: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        return x_BLD + self.mixer(self.attn_norm(x_BLD), ctx)
+
+    def mlp_half(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD))
 
 
 class DecoderLM(nn.Module):
@@ -114,6 +119,7 @@ class DecoderLM(nn.Module):
         self.activation_checkpointing = bool(cfg.activation_checkpointing)
         self.offload_activations = bool(getattr(cfg, "offload_activations", False))
         self.loss_chunk = int(getattr(cfg, "loss_chunk", 0))
+        self.recompute_mlp = bool(getattr(cfg, "recompute_mlp", True))
         self.reset_parameters(cfg.init_std, cfg.n_layers)
 
     def reset_parameters(self, std: float, n_layers: int) -> None:
@@ -138,6 +144,8 @@ class DecoderLM(nn.Module):
             if self.activation_checkpointing and layer.checkpointed and self.training and torch.is_grad_enabled():
                 if self.offload_activations:  # the checkpoint keeps x_host, not x
                     x = checkpoint(_run_onloaded, layer, offload_to_host(x), ctx, x.device, use_reentrant=False)
+                elif not self.recompute_mlp:  # only the mixer half is recomputed (model.recompute_mlp)
+                    x = layer.mlp_half(checkpoint(layer.mixer_half, x, ctx, use_reentrant=False))
                 else:
                     x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:

@@ -6,7 +6,9 @@ strategy's communication formula predicts (for an all-gather of n values from P 
 (P - 1) * n values)."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
@@ -17,6 +19,9 @@ class CommCounter:
     def __init__(self) -> None:
         self.bytes: Dict[str, int] = defaultdict(int)
         self.calls: Dict[str, int] = defaultdict(int)
+        # wall seconds spent inside our collectives and waits (transfer plus waiting for the
+        # peer: a rank that waits for a slower one counts the wait here)
+        self.seconds = 0.0
 
     def add(self, op: str, nbytes: int) -> None:
         self.bytes[op] += int(nbytes)
@@ -25,6 +30,15 @@ class CommCounter:
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.seconds = 0.0
+
+    @contextmanager
+    def timer(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def total(self) -> int:
         return sum(self.bytes.values())
@@ -33,13 +47,21 @@ class CommCounter:
 COMM = CommCounter()
 
 
+def wait_all(reqs) -> None:
+    """Wait for every request of a batch_isend_irecv (timed in COMM.seconds)."""
+    with COMM.timer():
+        for r in reqs:
+            r.wait()
+
+
 def all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "all_gather") -> torch.Tensor:
     """(P, *x.shape): every rank's x, stacked in rank order of `group`. Not autograd-aware:
     callers wrap it in their own autograd.Function with the backward their math needs."""
     P = dist.get_world_size(group)
     x = x.contiguous()
     out = [torch.empty_like(x) for _ in range(P)]
-    dist.all_gather(out, x, group=group)
+    with COMM.timer():
+        dist.all_gather(out, x, group=group)
     COMM.add(op, (P - 1) * x.numel() * x.element_size())
     return torch.stack(out)
 
@@ -57,8 +79,7 @@ def send_recv(send: Optional[torch.Tensor], dst: Optional[int], recv_like: Optio
         ops.append(dist.P2POp(dist.irecv, buf, src, group=group))
         COMM.add(op, buf.numel() * buf.element_size())
     if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        wait_all(dist.batch_isend_irecv(ops))
     return buf
 
 
@@ -68,7 +89,8 @@ def all_to_all(x: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "a
     P = dist.get_world_size(group)
     x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
+    with COMM.timer():
+        dist.all_to_all_single(out, x, group=group)
     COMM.add(op, (P - 1) * (x.numel() // P) * x.element_size())
     return out
 
@@ -133,6 +155,5 @@ class Exchange:
         self._reqs = dist.batch_isend_irecv(ops)
 
     def wait(self) -> List[torch.Tensor]:
-        for r in self._reqs:
-            r.wait()
+        wait_all(self._reqs)
         return self.recv

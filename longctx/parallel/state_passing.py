@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.kernels.lightning import lightning_attn_rows
-from longctx.parallel.comm import all_gather, send_recv
+from longctx.parallel.comm import all_gather, send_recv, wait_all
 from longctx.parallel.groups import SPHandle
 
 Tensor = torch.Tensor
@@ -128,11 +128,50 @@ def lightning_attn_sp(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: flo
         S_in = _RingPrefix.apply(F, lam_T, cont[sp.rank], single[sp.rank], sp)
     else:
         S_in = _StatePrefix.apply(F, _prefix_matrix(decay, T_loc, cont, single), sp.rank, sp.group)
-    t = torch.arange(T_loc, device=q.device)
-    in_first = (t[None, :] < first_len[:, None])  # (B, T_loc)
-    w = torch.exp(-decay.to(S_in.dtype)[None, :, None] * (t + 1).to(S_in.dtype)) * in_first[:, None]  # (B,H,T)
-    corr = torch.einsum("bhtk,bhkv->bhtv", q.to(S_in.dtype) * (scale * w)[..., None], S_in)
-    return o + corr.to(o.dtype)
+    return o + _Correction.apply(q, S_in, decay, first_len, float(scale))
+
+
+class _Correction(torch.autograd.Function):
+    """corr_t = scale * w_t q_t @ S_in with w_t = lam^(t+1) on the tokens of each row's first
+    document (0 elsewhere): the incoming state's contribution. Computed `step` tokens at a time in
+    S_in's dtype and returned in q's; keeps nothing for backward but q (which the kernel keeps
+    anyway), S_in and the small (B,) / (H,) inputs: autograd would keep an fp32 copy of q * w."""
+    step = 16384
+
+    @staticmethod
+    def _w(decay, first_len, a, b, dtype, device):
+        t = torch.arange(a, b, device=device)
+        in_first = t[None, :] < first_len[:, None]  # (B, b - a)
+        return torch.exp(-decay.to(dtype)[None, :, None] * (t + 1).to(dtype)) * in_first[:, None]  # (B, H, n)
+
+    @staticmethod
+    def forward(ctx, q, S_in, decay, first_len, scale):
+        ctx.save_for_backward(q, S_in, decay, first_len)
+        ctx.scale = scale
+        T = q.shape[2]
+        out = torch.empty(q.shape[:3] + (S_in.shape[-1],), dtype=q.dtype, device=q.device)
+        for a in range(0, T, _Correction.step):
+            b = min(T, a + _Correction.step)
+            w = _Correction._w(decay, first_len, a, b, S_in.dtype, q.device) * scale
+            out[:, :, a:b] = ((q[:, :, a:b].to(S_in.dtype) * w[..., None]) @ S_in).to(q.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, S_in, decay, first_len = ctx.saved_tensors
+        T = q.shape[2]
+        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        dS = torch.zeros_like(S_in) if ctx.needs_input_grad[1] else None
+        St = S_in.transpose(-1, -2)
+        for a in range(0, T, _Correction.step):
+            b = min(T, a + _Correction.step)
+            w = _Correction._w(decay, first_len, a, b, S_in.dtype, q.device) * ctx.scale
+            gc = g[:, :, a:b].to(S_in.dtype)
+            if dq is not None:
+                dq[:, :, a:b] = ((gc @ St) * w[..., None]).to(q.dtype)
+            if dS is not None:
+                dS += (q[:, :, a:b].to(S_in.dtype) * w[..., None]).transpose(-1, -2) @ gc
+        return dq, dS, None, None, None
 
 
 # -- recurrent state handed from rank to rank (Titans memory) ----------------------------------
@@ -154,8 +193,7 @@ class _RecvState(torch.autograd.Function):
         src = dist.get_global_rank(sp.group, sp.rank - 1)
         bufs = [torch.empty_like(t) for t in like]
         ops = [dist.P2POp(dist.irecv, b, src, group=sp.group) for b in bufs]
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
         from longctx.parallel.comm import COMM
         COMM.add(op, sum(b.numel() * b.element_size() for b in bufs))
         return tuple(bufs)
@@ -167,8 +205,7 @@ class _RecvState(torch.autograd.Function):
         gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g.contiguous()  # unused parts: zero
               for g, (s, d, dev) in zip(grads, ctx.shapes)]
         ops = [dist.P2POp(dist.isend, g, dst, group=sp.group) for g in gs]
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
         return (None, None, None) + (None,) * len(grads)
 
 
@@ -182,8 +219,7 @@ class _SendState(torch.autograd.Function):
         ctx.shapes = [(t.shape, t.dtype, t.device) for t in state]
         dst = dist.get_global_rank(sp.group, sp.rank + 1)
         ops = [dist.P2POp(dist.isend, t.detach().contiguous(), dst, group=sp.group) for t in state]
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
         return state[0].new_zeros(())
 
     @staticmethod
@@ -192,8 +228,7 @@ class _SendState(torch.autograd.Function):
         src = dist.get_global_rank(sp.group, sp.rank + 1)
         bufs = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
         ops = [dist.P2POp(dist.irecv, b, src, group=sp.group) for b in bufs]
-        for r in dist.batch_isend_irecv(ops):
-            r.wait()
+        wait_all(dist.batch_isend_irecv(ops))
         from longctx.parallel.comm import COMM
         COMM.add(ctx.op + "_grad", sum(b.numel() * b.element_size() for b in bufs))
         return (None, None) + tuple(bufs)

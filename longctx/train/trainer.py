@@ -24,7 +24,8 @@ from longctx.parallel.groups import build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
 from longctx.train import reshard
 from longctx.train import faults
-from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, plot_loss, read_jsonl
+from longctx.parallel.comm import COMM
+from longctx.train.metrics import JsonlLog, device_memory, measure_matmul_flops, peak_rss_bytes, plot_loss, read_jsonl
 
 
 # Testing hooks: make the loss (or, with a finite loss, the gradients) of the N-th step (1-based,
@@ -187,6 +188,41 @@ def load_weights_from_run(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(sd)
 
 
+def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None:
+    """Refuse, before anything is allocated, a step the planner says will not fit: on CPU the
+    ranks of this machine together against its available memory (or train.memory_gib), on a GPU
+    each rank against its device. Every rank decides for its own machine; one refusal stops all."""
+    if not cfg.train.memory_check:
+        return
+    from longctx.train import planner
+    from longctx.train.metrics import current_rss_bytes
+    msg = ""
+    try:
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            budget = cfg.train.memory_gib * planner.GIB if cfg.train.memory_gib else free
+            ok, _, msg = planner.check_fits(cfg, world, 1, budget,
+                                            already_bytes=planner.CALIBRATION["process_bytes"])
+        else:
+            avail = planner.available_bytes()
+            budget = cfg.train.memory_gib * planner.GIB if cfg.train.memory_gib else avail
+            if budget is not None:
+                # this process (and its local peers) are resident already: count what they add
+                already = 0.0 if cfg.train.memory_gib else float(current_rss_bytes())
+                ok, _, msg = planner.check_fits(cfg, world, local_world, budget, already_bytes=already)
+    except ConfigError as exc:  # a plan the planner cannot make: say so, do not block the run
+        _log0(f"memory check skipped: {exc}")
+        msg = ""
+    msgs: List[Any] = [None] * world
+    dist.all_gather_object(msgs, msg)
+    bad = [(r, m) for r, m in enumerate(msgs) if m]
+    if bad:
+        r, m = bad[0]
+        where = "" if world == 1 else f" (rank {r}'s machine)"
+        raise TrainingError(f"{m.splitlines()[0]}{where}\n" + "\n".join(m.splitlines()[1:])
+                            + "\n(train.memory_check=false skips this check)")
+
+
 def grad_divisor(engine) -> float:
     """What DeepSpeed divides the gradient sum over the dp x sp ranks by. Our mesh (the mpu)
     presents all of dp x sp as data parallel, so every stage divides by the world size (see
@@ -218,9 +254,12 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by every launcher we support
     if device.type == "cpu":
-        from longctx.kernels.cpu import tune_allocator
+        from longctx.kernels.cpu import mmap_large, tune_allocator
         tune_allocator()
+        if cfg.train.malloc_mmap_mib:
+            mmap_large(cfg.train.malloc_mmap_mib)
         torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    _check_memory(cfg, world, local_world, device)  # before the model, data or optimizer exist
 
     t, c = cfg.train, cfg.checkpoint
     run_dir = os.path.abspath(t.run_dir)
@@ -332,11 +371,15 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
         if n_global == 0:
             raise TrainingError(f"step {step + 1}: the batch has no target tokens (all labels are -100)")
         loss_sum_local, skipped = 0.0, False
+        phase = [0.0, 0.0, 0.0]  # forward, backward, optimizer seconds of this step
+        comm0 = COMM.seconds
         for b in batches:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None,
                              sp=sp_handle)
+            tp = time.perf_counter()
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
+            phase[0] += time.perf_counter() - tp
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
             if step + 1 == _INJECT_NAN_GRAD_STEP:
@@ -348,7 +391,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                 break
             # DeepSpeed divides by grad_accum and by `divisor` after summing over dp x sp: undo
             # both so the result is d(sum of all ranks' token losses / n_global).
+            tp = time.perf_counter()
             engine.backward(loss_sum * (divisor * ga / n_global))
+            phase[1] += time.perf_counter() - tp
             if zero0 and engine.is_gradient_accumulation_boundary() and not _grads_finite(model, device):
                 # ZeRO-0 has no overflow check and reports no norm: stop before the update lands
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
@@ -356,7 +401,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                                     f"the update was not applied; resume with --resume auto after lowering train.lr")
             if _DUMP_GRADS and step == start_step and engine.is_gradient_accumulation_boundary():
                 _dump_grads(model, _DUMP_GRADS, rank)
+            tp = time.perf_counter()
             engine.step()
+            phase[2] += time.perf_counter() - tp
             loss_sum_local += float(loss_sum.detach())
         if not skipped:
             _check_gradients(engine, t, step + 1, last_good)
@@ -367,12 +414,24 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
             tokens_seen += tokens_per_step
             now = time.perf_counter()
             dt, t_last = now - t_last, now
+            if (step + 1) % t.log_every == 0 or step + 1 == end_step:
+                # every rank's phases and peak memory (one small all-reduce, on logged steps)
+                per = torch.zeros(world, 5, dtype=torch.float64, device=device)
+                per[rank] = torch.tensor([*phase, COMM.seconds - comm0, float(peak_rss_bytes())], dtype=torch.float64)
+                if world > 1:
+                    dist.all_reduce(per)
+                per = per.tolist()
             if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == end_step):
                 gn = engine.get_global_grad_norm()
                 tps = tokens_per_step / dt
                 rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
                        "tokens_per_s": tps, "mfu": fpt * tps / peak, "step_s": dt,
-                       "grad_norm": float(gn) if gn is not None else None, **device_memory(device)}
+                       "grad_norm": float(gn) if gn is not None else None, **device_memory(device),
+                       # per rank: forward / backward / optimizer seconds, seconds inside our collectives
+                       # and waits (SP hand-offs, halos, all-to-alls; DeepSpeed's own not included), peak RSS
+                       "rank_fwd_s": [r[0] for r in per], "rank_bwd_s": [r[1] for r in per],
+                       "rank_opt_s": [r[2] for r in per], "rank_comm_s": [r[3] for r in per],
+                       "rank_peak_rss_gib": [r[4] / 1024 ** 3 for r in per]}
                 log.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)

@@ -79,3 +79,23 @@ def test_state_passing_exact(world, mode):
             else:
                 assert comm["lightning_state"] == state_bytes and comm["lightning_state_grad"] == state_bytes
                 assert comm["lightning_doc_ids"] == (world - 1) * B * 2 * 8
+
+
+@pytest.mark.parametrize("step", [5, 16384])
+def test_state_correction_gradcheck(step, monkeypatch):
+    """The incoming state's correction (scale * lam^(t+1) q_t S_in on each row's first document),
+    computed `step` tokens at a time with its own backward: gradcheck in float64 against
+    finite differences, and equal to the one-shot formula."""
+    from longctx.parallel.state_passing import _Correction
+    monkeypatch.setattr(_Correction, "step", step)
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 13, 4
+    q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
+    S = torch.randn(B, H, D, D, dtype=torch.float64, requires_grad=True)
+    decay = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    first = torch.tensor([T, 6])
+    assert torch.autograd.gradcheck(lambda a, b: _Correction.apply(a, b, decay, first, 0.7), (q, S))
+    t = torch.arange(T)
+    w = torch.exp(-decay[None, :, None] * (t + 1)) * (t[None, :] < first[:, None])[:, None]
+    ref = torch.einsum("bhtk,bhkv->bhtv", q * (0.7 * w)[..., None], S)
+    torch.testing.assert_close(_Correction.apply(q, S, decay, first, 0.7), ref, rtol=1e-12, atol=1e-12)

@@ -140,7 +140,8 @@ def test_peak_memory_linear_in_length_and_below_plain():
     documented bytes/token (docs/training.md); the plain path costs several times more per token.
 
     The peak is the largest of a few phases, each a + b L: up to ~4K tokens it falls inside SDPA's
-    backward (b = 3484 here), from ~8K on in a norm backward with the documented slope (3744)."""
+    backward (b = 3228 here since RMSNorm keeps only x and 1/rms; 3484 before), from ~8K on in a norm
+    backward with the documented slope (3744)."""
     ov = ["model.max_seq_len=4096", "model.vocab_size=512"]
     torch.manual_seed(0)
     lean = DecoderLM(small_cfg(*ov, *LEAN))
@@ -150,7 +151,7 @@ def test_peak_memory_linear_in_length_and_below_plain():
     assert abs(per_tok[1] / per_tok[0] - 1) < 0.02, per_tok
     D, n_layers = 64, 2
     documented = 4 * D * (n_layers + 12.5) + 32  # fp32, softmax mixer
-    assert 0.9 * documented < per_tok[1] < 1.01 * documented, (per_tok, documented)
+    assert 0.85 * documented < per_tok[1] < 1.01 * documented, (per_tok, documented)
     plain = DecoderLM(small_cfg(*ov))
     plain_per_tok = (step_peak(plain, 2048) - step_peak(plain, 1024)) / 1024
     assert per_tok[1] < plain_per_tok / 4, (per_tok, plain_per_tok)

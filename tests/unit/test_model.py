@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from longctx.config import load_config
-from longctx.model.layers import RMSNorm
+from longctx.model.layers import RMSNorm, _RMSNormFn
 from longctx.model.mixers import layer_mixers
 from longctx.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from longctx.model.transformer import DecoderLM, SeqContext, count_params, default_context, flops_per_token
@@ -25,6 +25,28 @@ def test_rmsnorm_formula_float64():
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * n.weight
     torch.testing.assert_close(n(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_lean_backward_equals_autograd(dtype):
+    """RMSNorm's own backward (it keeps only x and 1/rms) against autograd through the formula:
+    gradcheck in float64, and equal gradients to autograd's in float32 / bfloat16."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(16, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-6), (x, w))
+    n = RMSNorm(16, eps=1e-6).to(dtype)
+    n.weight.data.uniform_(0.5, 1.5)
+    xs = torch.randn(4, 7, 16).to(dtype).requires_grad_()
+    dy = torch.randn(4, 7, 16).to(dtype)
+    got = torch.autograd.grad(n(xs), (xs, n.weight), dy)
+    xr = xs.detach().float().requires_grad_()
+    wr = n.weight.detach().float().requires_grad_()
+    ref_y = wr.to(dtype).float() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float()
+    ref = torch.autograd.grad(ref_y, (xr, wr), dy.float())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b, **tol)
 
 
 def test_rope_scores_depend_on_relative_position_only():
