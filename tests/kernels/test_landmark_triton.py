@@ -149,3 +149,61 @@ def test_unknown_backend():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="backend='cuda'.*'auto', 'torch' or 'triton'"):
         landmark_attn(q, q, q, 4, backend="cuda")
+
+
+def test_many_groups_cross_landmark_chunks():
+    """The forward and dQ kernels take the landmark keys 16 groups (or lc) at a time: 34 groups
+    of 17 (chunks of 16, 16, 2 or of 32, 2; the sequence ends mid-group) with query tiles of 32
+    (straddling groups) and of 64, lc 16 and 32, against the torch path."""
+    B, H, Hkv, T, D, Dv, block = 1, 1, 1, 17 * 33 + 5, 16, 16, 16
+    q, k, v = make(B, H, Hkv, T, D, Dv, seed=21)
+    do = torch.randn(B, H, T, Dv, generator=torch.Generator().manual_seed(22)).to(DEV)
+    ro, rl = landmark_fwd_torch(q, k, v, block, 0.37, tile=64)
+    ref = landmark_bwd_torch(do, q, k, v, ro, rl, block, 0.37, tile=64)
+    for cfg in (lt.LandmarkConfig(Tiles(32, 0), Tiles(32, 0), Tiles(64, 0)),
+                lt.LandmarkConfig(Tiles(64, 0), Tiles(64, 0), Tiles(32, 0), lc=32)):
+        o, lse = lt.landmark_fwd_triton(q, k, v, block, 0.37, cfg)
+        _close(o, ro, "o")
+        _close(lse, rl, "lse")
+        got = lt.landmark_bwd_triton(do, q, k, v, o, lse, block, 0.37, cfg)
+        for n, a, b in zip(("dq", "dk", "dv"), got, ref):
+            _close(a, b, n)
+
+
+@pytest.mark.parametrize("name", sorted(lt.CANDIDATES))
+def test_sweep_candidates_match_torch_path(name, monkeypatch):
+    """Every launch shape the GPU sweep may pick (LONGCTX_LANDMARK_CFG=<name>), at the block it is
+    sized for (64): fp32 through the kernels with the candidate's tiles (128- or 64-row query tiles
+    over several groups, GQA, a length ending mid-group), and bf16 through landmark_attn, where
+    the variable selects it, against the fp32 torch path with test_bf16_against_float32_reference's
+    bounds."""
+    monkeypatch.setenv(lt.CONFIG_ENV, name)
+    cand = lt.CANDIDATES[name]
+    cfg = lt.pick_config(64, 16, torch.bfloat16)
+    assert [(t.bm, t.warps, t.stages) for t in (cfg.fwd, cfg.dkdv, cfg.dq)] == \
+        [(t.bm, t.warps, t.stages) for t in (cand.fwd, cand.dkdv, cand.dq)] and cfg.lc == cand.lc
+    assert lt.pick_config(64, 16, torch.float32).lc == cand.lc
+    B, H, Hkv, T, D, Dv, block = 1, 2, 1, 65 * 4 + 40, 16, 16, 64
+    q, k, v = make(B, H, Hkv, T, D, Dv, seed=31)
+    do = torch.randn(B, H, T, Dv, generator=torch.Generator().manual_seed(32)).to(DEV)
+    o, lse = lt.landmark_fwd_triton(q, k, v, block, 0.3, cfg)
+    ro, rl = landmark_fwd_torch(q, k, v, block, 0.3, tile=128)
+    _close(o, ro, "o")
+    _close(lse, rl, "lse")
+    got = lt.landmark_bwd_triton(do, q, k, v, o, lse, block, 0.3, cfg)
+    ref = landmark_bwd_torch(do, q, k, v, ro, rl, block, 0.3, tile=128)
+    for n, a, b in zip(("dq", "dk", "dv"), got, ref):
+        _close(a, b, n)
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    got = _loss_and_grads(qb, kb, vb, block, "triton")
+    ref = _loss_and_grads(qb.float(), kb.float(), vb.float(), block, "torch")
+    for n, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
+        a, b = a.float(), b.float()
+        assert ((a - b).norm() / b.norm()).item() < 1.5e-2, n
+        assert (a - b).abs().max().item() < 4e-2 * b.abs().max().item(), n
+
+
+def test_unknown_config_name(monkeypatch):
+    monkeypatch.setenv(lt.CONFIG_ENV, "fastest")
+    with pytest.raises(ValueError, match="LONGCTX_LANDMARK_CFG='fastest'.*known: default"):
+        lt.pick_config(64, 128, torch.bfloat16)
