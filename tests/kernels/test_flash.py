@@ -88,3 +88,44 @@ def test_bad_input():
         flash_attn(q, q, q, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="dtypes differ"):
         flash_attn(q, q.double(), q)
+
+
+BAND_CASES = [  # (Tq, halo keys in front, window, H, Hkv, docs)
+    (100, 0, 17, 4, 2, False), (300, 0, 64, 2, 2, True), (77, 16, 17, 2, 1, False), (200, 63, 64, 2, 2, True),
+    (5, 0, 300, 2, 2, False), (130, 255, 256, 2, 2, False), (40, 3, 1, 2, 2, False)]
+
+
+@pytest.mark.parametrize("Tq, n, W, H, Hkv, docs", BAND_CASES)
+@pytest.mark.parametrize("scores", [1 << 20, 50])  # one batch of chunks, or many
+def test_sliding_window_band_path_float64(Tq, n, W, H, Hkv, docs, scores, monkeypatch):
+    """The banded path of a causal window over contiguous positions (a shard, or a shard with
+    its halo keys in front: SWA under SP) against the formula and against the tile loop:
+    out, lse and every gradient (lse's included), sizes not multiples of the chunk."""
+    from longctx.kernels import flash_torch as ft
+    monkeypatch.setattr(ft, "BAND_SCORES", scores)
+    g = torch.Generator().manual_seed(Tq + n + W)
+    B, D = 2, 8
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, Tq + n, D, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
+    kp = torch.arange(7, 7 + Tq + n)
+    qp = kp[n:]
+    assert ft.band_offset(qp, kp, True, W) == n
+    assert ft.band_offset(qp, kp.flip(0), True, W) is None and ft.band_offset(qp, kp, False, W) is None
+    docs_ = None
+    if docs:
+        kd = torch.randint(0, 3, (B, Tq + n), generator=g).sort(1).values
+        docs_ = (kd[:, n:], kd)
+    go = torch.randn(B, H, Tq, D, generator=g, dtype=F64)
+    gl = torch.randn(B, H, Tq, generator=g, dtype=F64)
+
+    def run(max_window):
+        monkeypatch.setattr(ft, "BAND_MAX_WINDOW", max_window)
+        o, lse = flash_attn(q, k, v, True, 0.37, W, docs_, q_pos=qp, k_pos=kp, block=16)
+        return [o, lse, *torch.autograd.grad((o * go).sum() + (lse * gl).sum(), (q, k, v))]
+
+    band, tiles = run(4096), run(0)
+    ro, rl = naive(q, k, v, True, 0.37, W, qp, kp, *(docs_ or (None, None)))
+    ref = [ro, rl, *torch.autograd.grad((ro * go).sum() + (rl * gl).sum(), (q, k, v))]
+    for name, a, b, c in zip(["o", "lse", "dq", "dk", "dv"], band, ref, tiles):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, msg=name)
