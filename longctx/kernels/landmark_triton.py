@@ -368,19 +368,20 @@ class LandmarkConfig:
     lc: int = 16
 
 
-_T = Tiles(128, 0, 8, 3)
+_T3, _T2 = Tiles(128, 0, 8, 3), Tiles(128, 0, 8, 2)
 # fp16 / bf16 launch shapes for block <= 64 that a GPU sweep chooses among (benchmarks/gpu_check.py
 # --only landmarksweep); LONGCTX_LANDMARK_CFG=<name> makes pick_config return one. Each differs from
-# "default" in one respect. Checked offline for sm_90 (triton.compile to SASS, d=128, block 64, bf16):
-# none exceeds the 227 KiB of shared memory; default's dK/dV kernel spills 112 bytes (a few loads
-# a step), the others none; 128-row tiles need 8 warps (with 4 the fp32 tiles spill heavily, and 8
-# warps over 64 rows duplicate the work).
+# "default" in one respect. Checked offline for sm_90 with Triton 3.6 (the lent H100's) and 3.9
+# (triton.compile to SASS; d=128, block 64, bf16): all fit the 227 KiB of shared memory in both.
+# 128-row tiles need 8 warps (8 warps over 64 rows duplicate the work); the dK/dV kernel's 3-stage
+# 128-row version needs 246 KiB under Triton 3.6, hence 2 stages (181 KiB). dK/dV 64 rows / 4 warps
+# (109 KiB, two programs per SM) spills some registers under 3.6 and many under 3.9.
 CANDIDATES = {
-    "default": LandmarkConfig(_T, _T, _T),
-    "dkdv-s2": LandmarkConfig(_T, Tiles(128, 0, 8, 2), _T),  # 148 KiB of shared memory instead of 210
-    "rows64w4": LandmarkConfig(Tiles(64, 0, 4, 3), _T, Tiles(64, 0, 4, 3)),  # fwd, dQ: 2 programs per SM
-    "rows-s2": LandmarkConfig(Tiles(128, 0, 8, 2), _T, Tiles(128, 0, 8, 2)),
-    "lc32": LandmarkConfig(_T, _T, _T, lc=32),  # half the landmark products, a wider column pick
+    "default": LandmarkConfig(_T3, _T2, _T3),
+    "dkdv64w4": LandmarkConfig(_T3, Tiles(64, 0, 4, 2), _T3),
+    "rows64w4": LandmarkConfig(Tiles(64, 0, 4, 3), _T2, Tiles(64, 0, 4, 3)),  # fwd, dQ: 2 programs per SM
+    "rows-s2": LandmarkConfig(_T2, _T2, _T2),
+    "lc32": LandmarkConfig(_T3, _T2, _T3, lc=32),  # half the landmark products, a wider column pick
 }
 CONFIG_ENV = "LONGCTX_LANDMARK_CFG"
 
@@ -388,11 +389,11 @@ CONFIG_ENV = "LONGCTX_LANDMARK_CFG"
 def pick_config(block: int, head_dim: int, dtype: torch.dtype) -> LandmarkConfig:
     """Launch shapes by block and dtype (head dims up to 128 share them; d <= 64 is not tuned).
 
-    fp16 / bf16, block <= 64: 128-query tiles, 8 warps, 3 stages for all three kernels (see
-    CANDIDATES; the environment variable LONGCTX_LANDMARK_CFG names another candidate). Block 128:
-    two stages and 64-row forward tiles, else the shared memory overflows (not tuned; its dK/dV and
-    dQ kernels spill). fp32 (accuracy checks, not speed: its dots run as fp32 FMAs) uses small
-    tiles and takes only lc from a named candidate."""
+    fp16 / bf16, block <= 64: 128-query tiles and 8 warps for all three kernels, 3 stages (2 for
+    dK/dV) (see CANDIDATES; the environment variable LONGCTX_LANDMARK_CFG names another candidate).
+    Block 128: two stages and 64-row forward and dK/dV tiles, else the shared memory overflows (not
+    tuned; its dK/dV and dQ kernels spill). fp32 (accuracy checks, not speed: its dots run as fp32
+    FMAs) uses small tiles and takes only lc from a named candidate."""
     name = os.environ.get(CONFIG_ENV, "")
     if name and name not in CANDIDATES:
         raise ValueError(f"{CONFIG_ENV}={name!r}: unknown landmark kernel config; known: {', '.join(CANDIDATES)}")
@@ -402,7 +403,7 @@ def pick_config(block: int, head_dim: int, dtype: torch.dtype) -> LandmarkConfig
         cfg = LandmarkConfig(Tiles(32 if big else 64, 0, 4, 2), Tiles(16 if big else 32, 0, 4, 2),
                              Tiles(32, 0, 4, 2), cand.lc)
     elif big:
-        cfg = LandmarkConfig(Tiles(64, 0, 8, 2), Tiles(128, 0, 8, 2), Tiles(128, 0, 8, 2), cand.lc)
+        cfg = LandmarkConfig(Tiles(64, 0, 8, 2), Tiles(64, 0, 8, 2), Tiles(128, 0, 8, 2), cand.lc)
     else:
         cfg = cand
     return LandmarkConfig(*(replace(t, bn=block) for t in (cfg.fwd, cfg.dkdv, cfg.dq)), cfg.lc)
