@@ -3,9 +3,11 @@ reference at full size, then timings beside peers measured in the same run.
 
     python benchmarks/gpu_check.py [--quick] [--only flash,lightning] [--out results.json]
     python benchmarks/gpu_check.py --report results.json      # markdown tables, no GPU needed
+    python benchmarks/gpu_check.py --only landmarksweep --out sweep.json   # landmark launch shapes, ~2-3 min
 
 Every later kernel adds its case to CHECKS (correctness) and TIMINGS (speed), named
-check_<kernel> / time_<kernel> so that --only <kernel> selects it. Sized to finish well inside
+check_<kernel> / time_<kernel> so that --only <kernel> selects it (time_<kernel>sweep parts,
+tuning sweeps, run only when named). Sized to finish well inside
 10 minutes on one H100/H200 (the flash part in about 3); --quick trims lengths for a first
 smoke run. A part that raises is recorded as a failed check and the run goes on.
 
@@ -33,9 +35,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cuda_time(fn: Callable, reps: int = 5, warmup: int = 2) -> float:
-    """Median seconds per call, timed with CUDA events."""
+    """Median seconds per call, timed with CUDA events (wall clock without CUDA: smoke tests)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
@@ -124,11 +133,11 @@ def time_lightning(quick: bool):
 
 
 # --- flash attention (softmax with lse) ----------------------------------------------------------
-def _flash_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, Tq, D, device="cuda", generator=g).to(dtype)
-    k = torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).to(dtype)
-    v = torch.randn(B, Hkv, Tk, D, device="cuda", generator=g).to(dtype)
+def _flash_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, device=device, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=device, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=device, generator=g).to(dtype)
     return q, k, v
 
 
@@ -329,6 +338,153 @@ def time_landmark(quick: bool):
         torch.cuda.empty_cache()
 
 
+def _tiles_str(cfg, block: int) -> str:
+    return ", ".join(f"{n} {t.bm}x{block} w{t.warps} s{t.stages}" for n, t in
+                     (("fwd", cfg.fwd), ("dkdv", cfg.dkdv), ("dq", cfg.dq))) + f", lc {cfg.lc}"
+
+
+SWEEP_SHAPES = dict(B=1, H=16, D=128, block=64, T=16384, T_quick=8192,
+                    checks=(("fp32 T=2048", torch.float32, 2, 8, 2, 2048),  # label, dtype, B, H, Hkv, T
+                            ("bf16 T=4096", torch.bfloat16, 1, 16, 16, 4096)))
+
+
+def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda", shapes: dict = SWEEP_SHAPES):
+    """The landmark kernel's candidate launch shapes (landmark_triton.CANDIDATES, selected through
+    LONGCTX_LANDMARK_CFG, which pick_config reads at every call): for each, correctness against the
+    torch path (fp32 T=2048 B=2 H=8 Hkv=2, bf16 T=4096 B=1 H=16; tolerances as check_landmark) and
+    landmark_attn fwd and fwd+bwd time at T=16K (8K with --quick), bf16 B=1 H=16 D=128 block 64,
+    beside our flash kernel timed once in the same run. One line per candidate, then the fastest
+    correct one. A candidate that fails to compile or run is recorded (a failed check) and the sweep
+    goes on. Candidates differ in fp16/bf16 tiles; fp32 uses the default tiles and takes only lc,
+    so its check runs once per distinct lc. No candidate starts after budget_s seconds (compilation
+    included: ~3 s per bf16 kernel, ~20 s per fp32 one). device / shapes: for a CPU smoke test
+    under TRITON_INTERPRET=1."""
+    import os
+    from longctx.kernels import landmark_triton as lt
+    from longctx.kernels.flash import flash_attn
+    from longctx.kernels.landmark_torch import landmark_attn
+    t0 = time.time()
+    B, H, D, block = shapes["B"], shapes["H"], shapes["D"], shapes["block"]
+    T = shapes["T_quick"] if quick else shapes["T"]
+    old_env = os.environ.get(lt.CONFIG_ENV)
+    names = list(lt.CANDIDATES)
+    print(f"sweep landmark: {len(names)} candidates ({', '.join(names)}); timing T={T} bf16 B={B} H={H} D={D} "
+          f"block {block}", flush=True)
+
+    # the torch references (fp32, on the same values), once
+    checks = []  # (label, dtype, q, k, v, go, ref)
+    for label, dtype, Bc, Hc, Hkvc, Tc in shapes["checks"]:
+        q, k, v = _flash_inputs(Bc, Hc, Hkvc, Tc, Tc, D, dtype, seed=Tc + 7, device=device)
+        g = torch.Generator(device=device).manual_seed(2)
+        go = torch.randn(Bc, Hc, Tc, D, device=device, generator=g).to(dtype).float()
+        ref = _landmark_run(q.float(), k.float(), v.float(), block, "torch", go)
+        checks.append((label, dtype, q, k, v, go, ref))
+    print(f"sweep landmark: torch references in {time.time() - t0:.0f} s", flush=True)
+
+    qt, kt, vt = _flash_inputs(B, H, H, T, T, D, torch.bfloat16, seed=T, device=device)
+    gout = torch.randn_like(qt)
+    xs = [x.detach().requires_grad_() for x in (qt, kt, vt)]
+    flash = {}
+    try:
+        def flash_fwd():
+            with torch.no_grad():
+                flash_attn(qt, kt, vt, causal=True, backend="triton")
+
+        def flash_fwdbwd():
+            o, _ = flash_attn(*xs, causal=True, backend="triton")
+            torch.autograd.grad(o, xs, gout)
+        flash = {"fwd": cuda_time(flash_fwd, reps=5, warmup=1), "fwdbwd": cuda_time(flash_fwdbwd, reps=5, warmup=1)}
+        print(f"sweep flash (reference): fwd {flash['fwd'] * 1e3:.2f} ms, fwd+bwd {flash['fwdbwd'] * 1e3:.2f} ms",
+              flush=True)
+    except Exception as exc:  # noqa: BLE001 - the ratio is optional, the sweep is not
+        print(f"sweep flash (reference) failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+    def lm_fwd():
+        with torch.no_grad():
+            landmark_attn(qt, kt, vt, block, backend="triton")
+
+    def lm_fwdbwd():
+        torch.autograd.grad(landmark_attn(*xs, block, backend="triton"), xs, gout)
+
+    fp32_done = {}  # lc -> (errs, ok, candidate that ran it)
+    rows = []
+    try:
+        for name in names:
+            cand = lt.CANDIDATES[name]
+            row = {"kernel": "landmarksweep", "config": name, "T": T, "H": H, "D": D, "block": block,
+                   "tiles": _tiles_str(cand, block)}
+            if time.time() - t0 > budget_s:
+                row["skipped"] = f"time budget {budget_s:.0f} s spent"
+                RESULTS["timings"].append(row)
+                print(f"sweep landmark {name:9s}: skipped ({row['skipped']})", flush=True)
+                continue
+            os.environ[lt.CONFIG_ENV] = name
+            ts = time.time()
+            ok_all, parts = True, []
+            for label, dtype, q, k, v, go, ref in checks:
+                key = label.split()[0]
+                if dtype == torch.float32 and cand.lc in fp32_done:
+                    errs, ok, src = fp32_done[cand.lc]
+                    parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'} (= {src}'s kernels)")
+                    row[key + "_rel_err"] = errs
+                    ok_all &= ok
+                    continue
+                try:
+                    got = _landmark_run(q, k, v, block, "triton", go)
+                    finite = all(bool(torch.isfinite(x).all()) for x in got)
+                    errs = {n: rel_err(a.float(), b) for n, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, ref)}
+                    tol = 1e-4 if dtype == torch.float32 else 2e-2
+                    ok = finite and all(e < tol for e in errs.values())
+                    parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'}")
+                    row[key + "_rel_err"] = errs
+                    if dtype == torch.float32:
+                        fp32_done[cand.lc] = (errs, ok, name)
+                    got = None
+                except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is a result
+                    ok = False
+                    parts.append(f"{label} ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                ok_all &= ok
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            RESULTS["checks"].append({"kernel": "landmarksweep", "config": name, "ok": ok_all,
+                                      **{k_: v_ for k_, v_ in row.items() if k_.endswith(("_rel_err", "_error"))}})
+            for key, fn in (("fwd", lm_fwd), ("fwdbwd", lm_fwdbwd)):
+                try:
+                    row[f"landmark_{key}_s"] = cuda_time(fn, reps=5, warmup=1)
+                except Exception as exc:  # noqa: BLE001
+                    row[f"landmark_{key}_s"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            f_, fb = row["landmark_fwd_s"], row["landmark_fwdbwd_s"]
+            if isinstance(f_, float) and isinstance(fb, float):
+                timing = f"fwd {f_ * 1e3:.2f} ms, fwd+bwd {fb * 1e3:.2f} ms (bwd {(fb - f_) * 1e3:.2f})"
+                if flash:
+                    row["landmark_over_flash_fwd"] = f_ / flash["fwd"]
+                    row["landmark_over_flash_fwdbwd"] = fb / flash["fwdbwd"]
+                    timing += f", {fb / flash['fwdbwd']:.2f}x flash fwd+bwd, {f_ / flash['fwd']:.2f}x flash fwd"
+            else:
+                timing = "timing failed: " + (f_ if not isinstance(f_, float) else fb)
+            row["ok"], row["wall_s"] = ok_all, time.time() - ts
+            RESULTS["timings"].append(row)
+            rows.append(row)
+            print(f"sweep landmark {name:9s}: {timing}; {'; '.join(parts)} [{row['tiles']}] ({row['wall_s']:.0f} s)",
+                  flush=True)
+    finally:
+        if old_env is None:
+            os.environ.pop(lt.CONFIG_ENV, None)
+        else:
+            os.environ[lt.CONFIG_ENV] = old_env
+    good = [r for r in rows if r["ok"] and isinstance(r["landmark_fwdbwd_s"], float)]
+    if good:
+        best = min(good, key=lambda r: r["landmark_fwdbwd_s"])
+        ratio = f", {best['landmark_over_flash_fwdbwd']:.2f}x flash" if "landmark_over_flash_fwdbwd" in best else ""
+        print(f"sweep landmark best: {best['config']} (fwd+bwd {best['landmark_fwdbwd_s'] * 1e3:.2f} ms{ratio}); "
+              f"sweep {time.time() - t0:.0f} s", flush=True)
+    else:
+        print(f"sweep landmark: no candidate both correct and timed; sweep {time.time() - t0:.0f} s", flush=True)
+
+
 # --- markdown tables from a results JSON (docs/benchmarks.md is written from these, never by hand) ---
 def _ms(x) -> str:
     return f"{x * 1e3:.2f}" if isinstance(x, float) else str(x)
@@ -375,7 +531,7 @@ def report(res: dict) -> str:
 
 
 CHECKS = [check_lightning, check_flash, check_landmark]
-TIMINGS = [time_lightning, time_flash, time_landmark]
+TIMINGS = [time_lightning, time_flash, time_landmark, time_landmarksweep]
 
 
 def _kernel_of(fn: Callable) -> str:
@@ -400,13 +556,15 @@ def main():
     p.add_argument("--report", default=None, metavar="JSON",
                    help="print the markdown tables of a results JSON (no GPU needed) and exit")
     known = sorted({_kernel_of(f) for f in CHECKS + TIMINGS})
-    p.add_argument("--only", default=None, help=f"comma list of kernels to run, of: {', '.join(known)}")
+    p.add_argument("--only", default=None, help=f"comma list of kernels to run, of: {', '.join(known)} "
+                                                "(default: all but the *sweep parts, tuning runs named on purpose)")
     args = p.parse_args()
     if args.report:
         with open(args.report) as f:
             print(report(json.load(f)))
         return
-    only = known if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    only = ([k for k in known if not k.endswith("sweep")] if args.only is None
+            else [x.strip() for x in args.only.split(",") if x.strip()])
     unknown = sorted(set(only) - set(known))
     if unknown:
         p.error(f"--only: unknown kernel(s) {', '.join(unknown)}; known: {', '.join(known)}")
