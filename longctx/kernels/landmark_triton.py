@@ -154,8 +154,9 @@ def _fwd_groups(acc, l_i, m_i, q, qp, qg, m_ok, k_base, v_base, T, W, qk_scale, 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, G, T, W, D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, LC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BM query rows of one (batch, query head). Grid (cdiv(T, BM), B * H)."""
-    pid_m = tl.program_id(0)
+    """One program: BM query rows of one (batch, query head). Grid (cdiv(T, BM), B * H); the last
+    query block (the most groups) first, so that the short ones fill the end of the launch."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     Hkv = H // G
@@ -242,8 +243,9 @@ def _dq_groups(dq, q, do, l2, dl, qp, qg, m_ok, k_base, v_base, T, W, qk_scale, 
 def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, qk_scale, scale, H, G, T, W, D: tl.constexpr,
                    DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LC: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
-    """One program: BM query rows of one (batch, query head). Grid (cdiv(T, BM), B * H)."""
-    pid_m = tl.program_id(0)
+    """One program: BM query rows of one (batch, query head). Grid (cdiv(T, BM), B * H); the last
+    query block (the most groups) first, so that the short ones fill the end of the launch."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     Hkv = H // G
