@@ -49,6 +49,38 @@ def test_rmsnorm_lean_backward_equals_autograd(dtype):
         torch.testing.assert_close(a.float(), b, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rmsnorm_chunks_equal_unchunked(monkeypatch, dtype):
+    """`_RMSNormFn` runs over the rows a chunk at a time: with 3-row chunks over 10 rows (the last
+    chunk short), forward and both gradients equal the unchunked formula (autograd, float64), and
+    in every dtype y and dx are bitwise those of one chunk (dw is summed per chunk: close)."""
+    import longctx.model.layers as layers
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64).to(dtype)
+    w = (torch.rand(16, dtype=torch.float64) + 0.5).to(dtype)
+    dy = torch.randn(2, 5, 16, dtype=torch.float64).to(dtype)
+
+    def run(rows):
+        monkeypatch.setattr(layers, "_RMSNORM_CHUNK", rows * 16)  # elements per chunk
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = _RMSNormFn.apply(xa, wa, 1e-6)
+        return (y, *torch.autograd.grad(y, (xa, wa), dy))
+
+    y, dx, dw = run(3)
+    y1, dx1, dw1 = run(10)
+    assert torch.equal(y, y1) and torch.equal(dx, dx1)
+    torch.testing.assert_close(dw, dw1)
+    if dtype == torch.float64:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ref_y = wr * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
+        ref = (ref_y, *torch.autograd.grad(ref_y, (xr, wr), dy))
+        for a, b in zip((y, dx, dw), ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        monkeypatch.setattr(layers, "_RMSNORM_CHUNK", 3 * 16)
+        assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-6),
+                                        (x.clone().requires_grad_(), w.clone().requires_grad_()))
+
+
 def test_rope_scores_depend_on_relative_position_only():
     torch.manual_seed(0)
     D = 16
