@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
 from typing import Callable, Dict
 
 import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)  # `python3 benchmarks/gpu_check.py` from a checkout: longctx need not be installed
 
 RESULTS: Dict[str, list] = {"checks": [], "timings": []}
 
@@ -348,28 +353,131 @@ SWEEP_SHAPES = dict(B=1, H=16, D=128, block=64, T=16384, T_quick=8192,
                             ("bf16 T=4096", torch.bfloat16, 1, 16, 16, 4096)))
 
 
-def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda", shapes: dict = SWEEP_SHAPES):
+def _sweep_one(name: str, cand, checks, fp32_done: dict, lm_fwd, lm_fwdbwd, flash: dict, row: dict,
+               device: str):
+    """One candidate (LONGCTX_LANDMARK_CFG already names it): its checks, then fwd and fwd+bwd time.
+    Fills row; returns (ok, parts). fp32_done: lc -> (errs, ok, candidate) of fp32 checks already run."""
+    ok_all, parts = True, []
+    for label, dtype, q, k, v, go, ref in checks:
+        key = label.split()[0]
+        if dtype == torch.float32 and cand.lc in fp32_done:
+            errs, ok, src = fp32_done[cand.lc]
+            parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'} (= {src}'s kernels)")
+            row[key + "_rel_err"] = errs
+            ok_all &= ok
+            continue
+        try:
+            got = _landmark_run(q, k, v, row["block"], "triton", go)
+            finite = all(bool(torch.isfinite(x).all()) for x in got)
+            errs = {n: rel_err(a.float(), b) for n, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, ref)}
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            ok = finite and all(e < tol for e in errs.values())
+            parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'}")
+            row[key + "_rel_err"] = errs
+            if dtype == torch.float32:
+                fp32_done[cand.lc] = (errs, ok, name)
+            got = None
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is a result
+            ok = False
+            parts.append(f"{label} ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        ok_all &= ok
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for key, fn in (("fwd", lm_fwd), ("fwdbwd", lm_fwdbwd)):
+        try:
+            row[f"landmark_{key}_s"] = cuda_time(fn, reps=5, warmup=1)
+        except Exception as exc:  # noqa: BLE001
+            row[f"landmark_{key}_s"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return ok_all, parts
+
+
+def _timing_fns(shapes: dict, quick: bool, device: str):
+    """The sweep's timing inputs (bf16, seeded: the same in every process) and landmark fwd / fwd+bwd."""
+    from longctx.kernels.landmark_torch import landmark_attn
+    B, H, D, block = shapes["B"], shapes["H"], shapes["D"], shapes["block"]
+    T = shapes["T_quick"] if quick else shapes["T"]
+    qt, kt, vt = _flash_inputs(B, H, H, T, T, D, torch.bfloat16, seed=T, device=device)
+    gout = torch.randn(qt.shape, device=device, generator=torch.Generator(device=device).manual_seed(T + 1)
+                       ).to(qt.dtype)
+    xs = [x.detach().requires_grad_() for x in (qt, kt, vt)]
+
+    def lm_fwd():
+        with torch.no_grad():
+            landmark_attn(qt, kt, vt, block, backend="triton")
+
+    def lm_fwdbwd():
+        torch.autograd.grad(landmark_attn(*xs, block, backend="triton"), xs, gout)
+    return (qt, kt, vt, gout, xs), lm_fwd, lm_fwdbwd
+
+
+def _cand_to_json(cand) -> dict:
+    t = lambda x: [x.bm, x.bn, x.warps, x.stages]  # noqa: E731
+    return {"fwd": t(cand.fwd), "dkdv": t(cand.dkdv), "dq": t(cand.dq), "lc": cand.lc}
+
+
+def _cand_from_json(d: dict):
+    from longctx.kernels.flash_triton import Tiles
+    from longctx.kernels.landmark_triton import LandmarkConfig
+    return LandmarkConfig(Tiles(*d["fwd"]), Tiles(*d["dkdv"]), Tiles(*d["dq"]), d["lc"])
+
+
+def _sweep_child(spec_path: str) -> None:
+    """A fresh process for one candidate (python gpu_check.py --sweep-child SPEC): an illegal memory
+    access poisons the CUDA context for the rest of its process, so each candidate gets its own.
+    Reads the spec and the parent's references, writes {"row", "ok", "parts", "fp32"} beside SPEC."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if spec.get("crash_for_test") == spec["name"]:
+        os.abort()  # stands in for a kernel that takes the process down (tests only)
+    from longctx.kernels import landmark_triton as lt
+    name, device = spec["name"], spec["device"]
+    cand = _cand_from_json(spec["cand"])
+    lt.CANDIDATES[name] = cand  # the parent's table (a test may have replaced it)
+    os.environ[lt.CONFIG_ENV] = name
+    saved = torch.load(spec["refs"])
+    checks = [(lab, getattr(torch, dt), *(x.to(device) for x in (q, k, v, go)), [r.to(device) for r in ref])
+              for lab, dt, q, k, v, go, ref in saved]
+    _, lm_fwd, lm_fwdbwd = _timing_fns(spec["shapes"], spec["quick"], device)
+    fp32_done = {int(k_): tuple(v_) for k_, v_ in spec["fp32_done"].items()}
+    row = dict(spec["row"])
+    ok, parts = _sweep_one(name, cand, checks, fp32_done, lm_fwd, lm_fwdbwd, spec["flash"], row, device)
+    with open(spec_path + ".out", "w") as f:
+        json.dump({"row": row, "ok": ok, "parts": parts,
+                   "fp32": {str(k_): list(v_) for k_, v_ in fp32_done.items()}}, f)
+
+
+def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda", shapes: dict = SWEEP_SHAPES,
+                       isolate: bool = True, crash_for_test: str = ""):
     """The landmark kernel's candidate launch shapes (landmark_triton.CANDIDATES, selected through
     LONGCTX_LANDMARK_CFG, which pick_config reads at every call): for each, correctness against the
     torch path (fp32 T=2048 B=2 H=8 Hkv=2, bf16 T=4096 B=1 H=16; tolerances as check_landmark) and
     landmark_attn fwd and fwd+bwd time at T=16K (8K with --quick), bf16 B=1 H=16 D=128 block 64,
     beside our flash kernel timed once in the same run. One line per candidate, then the fastest
-    correct one. A candidate that fails to compile or run is recorded (a failed check) and the sweep
-    goes on. Candidates differ in fp16/bf16 tiles; fp32 uses the default tiles and takes only lc,
-    so its check runs once per distinct lc. No candidate starts after budget_s seconds (compilation
-    included: ~3 s per bf16 kernel, ~20 s per fp32 one). device / shapes: for a CPU smoke test
-    under TRITON_INTERPRET=1."""
-    import os
+    correct one. Candidates differ in fp16/bf16 tiles; fp32 uses the default tiles and takes only
+    lc, so its check runs once per distinct lc.
+
+    isolate (default): each candidate runs in a fresh process (this script with --sweep-child; the
+    torch references are computed once here and handed over in a file), because an illegal memory
+    access poisons the CUDA context for the rest of its process: a candidate that fails to compile,
+    fails its checks, crashes its process or outlives the budget is recorded (a failed check) and
+    the others still run. The whole sweep stays within budget_s seconds: no candidate starts with
+    under 25 s left (a bf16 candidate compiles in ~20-30 s), and a running one is stopped at the
+    budget. isolate=False runs them in this process (CPU smoke tests under TRITON_INTERPRET=1:
+    device / shapes for those). crash_for_test: a candidate whose process aborts (tests only)."""
+    import subprocess
+    import tempfile
     from longctx.kernels import landmark_triton as lt
     from longctx.kernels.flash import flash_attn
-    from longctx.kernels.landmark_torch import landmark_attn
     t0 = time.time()
     B, H, D, block = shapes["B"], shapes["H"], shapes["D"], shapes["block"]
     T = shapes["T_quick"] if quick else shapes["T"]
     old_env = os.environ.get(lt.CONFIG_ENV)
     names = list(lt.CANDIDATES)
     print(f"sweep landmark: {len(names)} candidates ({', '.join(names)}); timing T={T} bf16 B={B} H={H} D={D} "
-          f"block {block}", flush=True)
+          f"block {block}{'; one process each' if isolate else ''}", flush=True)
 
     # the torch references (fp32, on the same values), once
     checks = []  # (label, dtype, q, k, v, go, ref)
@@ -381,9 +489,7 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
         checks.append((label, dtype, q, k, v, go, ref))
     print(f"sweep landmark: torch references in {time.time() - t0:.0f} s", flush=True)
 
-    qt, kt, vt = _flash_inputs(B, H, H, T, T, D, torch.bfloat16, seed=T, device=device)
-    gout = torch.randn_like(qt)
-    xs = [x.detach().requires_grad_() for x in (qt, kt, vt)]
+    (qt, kt, vt, gout, xs), lm_fwd, lm_fwdbwd = _timing_fns(shapes, quick, device)
     flash = {}
     try:
         def flash_fwd():
@@ -399,12 +505,15 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
     except Exception as exc:  # noqa: BLE001 - the ratio is optional, the sweep is not
         print(f"sweep flash (reference) failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
-    def lm_fwd():
-        with torch.no_grad():
-            landmark_attn(qt, kt, vt, block, backend="triton")
-
-    def lm_fwdbwd():
-        torch.autograd.grad(landmark_attn(*xs, block, backend="triton"), xs, gout)
+    tmp = tempfile.mkdtemp(prefix="lmsweep_") if isolate else None
+    if isolate:  # hand the references over; free this process's copies of the big tensors
+        refs = os.path.join(tmp, "refs.pt")
+        torch.save([(lab, str(dt).split(".")[-1], q.cpu(), k.cpu(), v.cpu(), go.cpu(), [r.cpu() for r in ref])
+                    for lab, dt, q, k, v, go, ref in checks], refs)
+        checks = qt = kt = vt = gout = xs = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    json_shapes = {k_: v_ for k_, v_ in shapes.items() if k_ != "checks"}
 
     fp32_done = {}  # lc -> (errs, ok, candidate that ran it)
     rows = []
@@ -413,49 +522,51 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
             cand = lt.CANDIDATES[name]
             row = {"kernel": "landmarksweep", "config": name, "T": T, "H": H, "D": D, "block": block,
                    "tiles": _tiles_str(cand, block)}
-            if time.time() - t0 > budget_s:
+            left = budget_s - (time.time() - t0)
+            if left < (25.0 if isolate and budget_s > 0 else 0.0) or left <= 0:
                 row["skipped"] = f"time budget {budget_s:.0f} s spent"
                 RESULTS["timings"].append(row)
                 print(f"sweep landmark {name:9s}: skipped ({row['skipped']})", flush=True)
                 continue
-            os.environ[lt.CONFIG_ENV] = name
             ts = time.time()
-            ok_all, parts = True, []
-            for label, dtype, q, k, v, go, ref in checks:
-                key = label.split()[0]
-                if dtype == torch.float32 and cand.lc in fp32_done:
-                    errs, ok, src = fp32_done[cand.lc]
-                    parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'} (= {src}'s kernels)")
-                    row[key + "_rel_err"] = errs
-                    ok_all &= ok
-                    continue
+            if not isolate:
+                os.environ[lt.CONFIG_ENV] = name
+                ok_all, parts = _sweep_one(name, cand, checks, fp32_done, lm_fwd, lm_fwdbwd, flash, row, device)
+            else:
+                spec_path = os.path.join(tmp, f"{name}.json")
+                with open(spec_path, "w") as f:
+                    json.dump({"name": name, "cand": _cand_to_json(cand), "device": device, "refs": refs,
+                               "shapes": json_shapes, "quick": quick, "flash": flash, "row": row,
+                               "fp32_done": {str(k_): list(v_) for k_, v_ in fp32_done.items()},
+                               "crash_for_test": crash_for_test}, f)
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    [_ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+                env[lt.CONFIG_ENV] = name
                 try:
-                    got = _landmark_run(q, k, v, block, "triton", go)
-                    finite = all(bool(torch.isfinite(x).all()) for x in got)
-                    errs = {n: rel_err(a.float(), b) for n, a, b in zip(["o", "lse", "dq", "dk", "dv"], got, ref)}
-                    tol = 1e-4 if dtype == torch.float32 else 2e-2
-                    ok = finite and all(e < tol for e in errs.values())
-                    parts.append(f"{label} {max(errs.values()):.1e} {'OK' if ok else 'FAIL'}")
-                    row[key + "_rel_err"] = errs
-                    if dtype == torch.float32:
-                        fp32_done[cand.lc] = (errs, ok, name)
-                    got = None
-                except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is a result
-                    ok = False
-                    parts.append(f"{label} ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                    row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:1000]
-                ok_all &= ok
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--sweep-child", spec_path],
+                                       env=env, capture_output=True, text=True, timeout=max(1.0, left))
+                    rc, out = r.returncode, (r.stdout or "") + (r.stderr or "")
+                except subprocess.TimeoutExpired as exc:
+                    rc = "timeout"
+                    out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                    out += f"\nstopped at the sweep's budget ({budget_s:.0f} s)"
+                try:
+                    with open(spec_path + ".out") as f:
+                        res = json.load(f)
+                except (OSError, ValueError):
+                    res = None
+                if rc == 0 and res is not None:
+                    row, ok_all, parts = res["row"], res["ok"], res["parts"]
+                    fp32_done.update({int(k_): tuple(v_) for k_, v_ in res["fp32"].items()})
+                else:
+                    tail = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]
+                    msg = " | ".join(tail)[-400:]
+                    ok_all, parts = False, [f"CRASHED (process exit {rc}): {msg}"]
+                    row["crash"] = f"exit {rc}: {out.strip()[-2000:]}"
+                    row["landmark_fwd_s"] = row["landmark_fwdbwd_s"] = f"error: process exit {rc}"
             RESULTS["checks"].append({"kernel": "landmarksweep", "config": name, "ok": ok_all,
-                                      **{k_: v_ for k_, v_ in row.items() if k_.endswith(("_rel_err", "_error"))}})
-            for key, fn in (("fwd", lm_fwd), ("fwdbwd", lm_fwdbwd)):
-                try:
-                    row[f"landmark_{key}_s"] = cuda_time(fn, reps=5, warmup=1)
-                except Exception as exc:  # noqa: BLE001
-                    row[f"landmark_{key}_s"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                                      **{k_: v_ for k_, v_ in row.items()
+                                         if k_.endswith(("_rel_err", "_error")) or k_ == "crash"}})
             f_, fb = row["landmark_fwd_s"], row["landmark_fwdbwd_s"]
             if isinstance(f_, float) and isinstance(fb, float):
                 timing = f"fwd {f_ * 1e3:.2f} ms, fwd+bwd {fb * 1e3:.2f} ms (bwd {(fb - f_) * 1e3:.2f})"
@@ -475,6 +586,9 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
             os.environ.pop(lt.CONFIG_ENV, None)
         else:
             os.environ[lt.CONFIG_ENV] = old_env
+        if tmp:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
     good = [r for r in rows if r["ok"] and isinstance(r["landmark_fwdbwd_s"], float)]
     if good:
         best = min(good, key=lambda r: r["landmark_fwdbwd_s"])
@@ -550,6 +664,9 @@ def _run_part(fn: Callable, *args):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--sweep-child":  # one landmark sweep candidate (internal)
+        _sweep_child(sys.argv[2])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="gpu_check.json")

@@ -40,7 +40,7 @@ def test_landmark_sweep_records_every_candidate_and_survives_a_broken_one(monkey
     monkeypatch.setenv(lt.CONFIG_ENV, "default")
     shapes = dict(B=1, H=2, D=16, block=16, T=40, T_quick=40,
                   checks=(("fp32 T=40", torch.float32, 1, 2, 1, 40), ("bf16 T=36", torch.bfloat16, 1, 2, 2, 36)))
-    gc.time_landmarksweep(True, device=DEV, shapes=shapes)
+    gc.time_landmarksweep(True, device=DEV, shapes=shapes, isolate=False)  # in this process: cuda_time patched
     out = capsys.readouterr().out
     assert os.environ[lt.CONFIG_ENV] == "default"  # restored
     lines = {ln.split(":")[0].split()[-1]: ln for ln in out.splitlines() if ln.startswith("sweep landmark ")
@@ -73,3 +73,52 @@ def test_landmark_sweep_stops_starting_candidates_after_its_budget(monkeypatch, 
     assert "sweep landmark a        : skipped (time budget 0 s spent)" in out, out
     assert "no candidate both correct and timed" in out
     assert lt.CONFIG_ENV not in os.environ
+
+
+def test_landmark_sweep_runs_each_candidate_in_its_own_process(monkeypatch, capsys):
+    """isolate (the default): each candidate in a fresh process, so that one whose process dies
+    (on a GPU: an illegal memory access, which poisons the CUDA context) is recorded as a failed
+    check and the candidates after it still run. The children import longctx through the
+    PYTHONPATH the sweep passes them, with the parent's candidate table."""
+    gc = _gpu_check()
+    small = Tiles(16, 0)
+    monkeypatch.setattr(lt, "CANDIDATES", {
+        "default": lt.LandmarkConfig(small, small, Tiles(32, 0)),
+        "dies": lt.LandmarkConfig(small, small, small),
+        "lc32": lt.LandmarkConfig(small, Tiles(32, 0), small, lc=32),
+    })
+    monkeypatch.delenv(lt.CONFIG_ENV, raising=False)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir("/")  # the children must not find longctx through the working directory
+    shapes = dict(B=1, H=2, D=16, block=16, T=40, T_quick=40,
+                  checks=(("fp32 T=40", torch.float32, 1, 2, 1, 40), ("bf16 T=36", torch.bfloat16, 1, 2, 2, 36)))
+    gc.time_landmarksweep(True, device=DEV, shapes=shapes, budget_s=600.0, crash_for_test="dies")
+    out = capsys.readouterr().out
+    assert lt.CONFIG_ENV not in os.environ
+    assert "one process each" in out
+    lines = {ln.split(":")[0].split()[-1]: ln for ln in out.splitlines() if ln.startswith("sweep landmark ")
+             and ln.split(":")[0].split()[-1] in ("default", "dies", "lc32")}
+    assert set(lines) == {"default", "dies", "lc32"}, out
+    assert "CRASHED (process exit" in lines["dies"], out
+    for n in ("default", "lc32"):
+        assert "fwd+bwd" in lines[n] and "FAIL" not in lines[n] and "ERROR" not in lines[n], out
+    assert "(= default's kernels)" not in lines["lc32"]  # its own lc: its own fp32 check
+    checks = {c["config"]: c["ok"] for c in gc.RESULTS["checks"] if c["kernel"] == "landmarksweep"}
+    assert checks == {"default": True, "dies": False, "lc32": True}
+    rows = {r["config"]: r for r in gc.RESULTS["timings"] if r["kernel"] == "landmarksweep"}
+    assert isinstance(rows["lc32"]["landmark_fwdbwd_s"], float) and "crash" in rows["dies"]
+    assert max(rows["lc32"]["fp32_rel_err"].values()) < 1e-5 and max(rows["lc32"]["bf16_rel_err"].values()) < 2e-2
+
+
+def test_gpu_check_imports_longctx_without_pythonpath():
+    """The GPU machine runs `python3 benchmarks/gpu_check.py` from the repository root without
+    longctx installed: the script puts the root on sys.path itself."""
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import runpy, sys; sys.argv = ['gpu_check.py', '--help']; "
+            f"g = runpy.run_path({str(root / 'benchmarks' / 'gpu_check.py')!r}, run_name='not_main'); "
+            "import longctx.kernels.landmark_triton; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
