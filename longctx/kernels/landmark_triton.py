@@ -35,7 +35,8 @@ scale * sum_i dS_i,L q_i. Two kernels, as in flash_triton (no atomics, fp32 accu
  - dK/dV over key groups (one group per program, looping over query blocks and the G query heads
    of its kv head). The tiles keep the queries as rows, so P' and dS enter dV and dK transposed:
    the accumulators are dV^T += dO^T P', dK^T += Q^T dS (D x block, written transposed) and the
-   landmark's dK += Q^T dS_L, the (BM, 16) operand holding dS_i,L in its first column.
+   landmark's dK += Q^T dS_L, dS_i,L the first row of a (16, BM) tile that enters transposed (a
+   (BM, 16) register operand made Triton 3.6's sm_90 code fault: see _dkdv_blocks).
  - dQ over query blocks, looping over groups: dQ += dS K per group, and the landmarks' dS_i,L
    (one column per group of an LC chunk) reach dQ through one (BM, LC) x (LC, D) product per chunk.
 The earlier kernel put keys as rows in the dK/dV kernel (as flash does), which made those
@@ -299,8 +300,14 @@ def _dkdv_blocks(dkt, dvt, dklt, k, v, klt, kp, c, q_base, do_base, row_base, LS
         p, ds, tot = _bwd_tile(q, do, l2, dl, k, v, sl, offs_m, qg, m_ok, kp, c, T, qk_scale, MASK, PREC, UPCAST)
         dvt += _dot(tl.trans(do), p.to(do.dtype), PREC, UPCAST)  # (DV, BN)
         dkt += _dot(tl.trans(q), ds.to(q.dtype), PREC, UPCAST)  # (D, BN)
-        tot_t = tl.where(offs_t[None, :] == 0, tot[:, None], 0.0)  # (BM, LC)
-        dklt += _dot(tl.trans(q), tot_t.to(q.dtype), PREC, UPCAST)  # (D, LC)
+        # the landmark's dK^T += Q^T dS_L, dS_L as row 0 of an (LC, BM) tile and transposed into the
+        # product, so that the matrix units read it K-major with the 128-byte swizzle (as klt). Not
+        # as a (BM, LC) tile: Triton 3.6 lays that register operand out N-major with a 32-byte
+        # swizzle, and the sm_90 wgmma then faults ("illegal memory access" on an H100 at bf16
+        # T=16K MHA with 128-row tiles, and at T=4K GQA with 64 rows / 4 warps) although every
+        # global load and store is in bounds (test_guard_regions_untouched_every_candidate)
+        tot_r = tl.where(offs_t[:, None] == 0, tot[None, :], 0.0)  # (LC, BM)
+        dklt += _dot(tl.trans(q), tl.trans(tot_r.to(q.dtype)), PREC, UPCAST)  # (D, LC)
     return dkt, dvt, dklt
 
 

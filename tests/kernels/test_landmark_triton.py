@@ -2,7 +2,9 @@
 gradient, directly and through `landmark_attn`'s autograd; GQA; lengths that end mid-group; query
 tiles that straddle groups; bf16; bad input. Runs on CPU tensors under TRITON_INTERPRET=1 (set by
 conftest), so every shape is tiny."""
+import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -207,3 +209,131 @@ def test_unknown_config_name(monkeypatch):
     monkeypatch.setenv(lt.CONFIG_ENV, "fastest")
     with pytest.raises(ValueError, match="LONGCTX_LANDMARK_CFG='fastest'.*known: default"):
         lt.pick_config(64, 128, torch.bfloat16)
+
+
+class _GuardedTorch:
+    """Stands in for `torch` inside landmark_triton: every tensor the wrappers allocate (o, lse, dq,
+    dk, dv, Delta, lse2) is a view into the middle of a larger buffer whose guard regions hold a
+    sentinel, so that a store out of its tensor's extent shows up as a changed guard."""
+    SENTINEL = -7680.0  # exact in fp16, bf16 and fp32
+
+    def __init__(self):
+        self.guards = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _wrap(self, shape, dtype, device, pad=67):
+        n = math.prod(shape)
+        buf = torch.full((pad + n + pad,), self.SENTINEL, dtype=dtype, device=device)
+        self.guards.append(buf)
+        return buf[pad:pad + n].view(shape)
+
+    def empty(self, *shape, dtype=None, device=None):
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        return self._wrap(shape, dtype or torch.get_default_dtype(), device)
+
+    def empty_like(self, x):
+        return self._wrap(tuple(x.shape), x.dtype, x.device)
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x)
+
+    def untouched(self):
+        return all(bool((torch.cat([b[:67], b[-67:]]).float() == self.SENTINEL).all()) for b in self.guards)
+
+
+def _guarded_inputs(xs, pad=131):
+    """Each input as a contiguous view into a NaN-filled buffer (NaN on both sides): a load out of
+    its tensor's extent reads NaN, which reaches the outputs."""
+    bufs, views = [], []
+    for x in xs:
+        buf = torch.full((pad + x.numel() + pad,), float("nan"), dtype=x.dtype, device=x.device)
+        view = buf[pad:pad + x.numel()].view(x.shape)
+        view.copy_(x)
+        bufs.append(buf)
+        views.append(view)
+    return bufs, views
+
+
+# every candidate in bf16 (its own tiles), fp32 with the lc of default and lc32 (fp32 takes nothing
+# else from a candidate); MHA and GQA alternate
+GUARD_CASES = [(n, torch.bfloat16, 2, 2 - i % 2) for i, n in enumerate(sorted(lt.CANDIDATES))] + \
+    [("default", torch.float32, 2, 1), ("lc32", torch.float32, 2, 2)]
+
+
+@pytest.mark.parametrize("name, dtype, H, Hkv", GUARD_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_guard_regions_untouched_every_candidate(name, dtype, H, Hkv, monkeypatch):
+    """No kernel reads or writes outside its tensors: inputs (q, k, v, dO, o, lse) sit between NaN
+    guards and every tensor the wrappers allocate between sentinel guards, for each candidate launch
+    shape at block 16 over 34 groups (landmark chunks of 16 and 32, a partial last group, a last
+    query block past T). The outputs must hold no NaN (a read past an input would bring one in),
+    match the torch path (fp32), and leave every guard and input as it was.
+    (The H100 'illegal memory access' in the dK/dV kernel of a9eca27 was not an out-of-bounds
+    global access: this test passes on that kernel; see _dkdv_blocks and
+    test_dkdv_operand_layouts_sm90.)"""
+    monkeypatch.setenv(lt.CONFIG_ENV, name)
+    block, T = 16, 17 * 33 + 9
+    q, k, v = make(1, H, Hkv, T, 16, 16, dtype=dtype, seed=H + Hkv)
+    do = torch.randn(1, H, T, 16, generator=torch.Generator().manual_seed(5)).to(DEV, dtype)
+    g = _GuardedTorch()
+    monkeypatch.setattr(lt, "torch", g)
+    bufs, (gq, gk, gv, gdo) = _guarded_inputs((q, k, v, do))
+    o, lse = lt.landmark_fwd_triton(gq, gk, gv, block, 0.3)
+    bufs2, (go, glse) = _guarded_inputs((o, lse))
+    got = lt.landmark_bwd_triton(gdo, gq, gk, gv, go, glse, block, 0.3)
+    monkeypatch.setattr(lt, "torch", torch)
+    assert g.untouched(), "a kernel wrote outside its output tensor"
+    for buf, x in zip(bufs + bufs2, (q, k, v, do, o, lse)):
+        assert torch.isnan(buf[:131]).all() and torch.isnan(buf[-131:]).all()  # inputs' guards kept
+        assert torch.equal(buf[131:-131].view(x.shape), x)  # inputs not written
+    for n, a in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *got)):
+        assert not torch.isnan(a).any(), f"{n}: NaN from a guard region"
+    if dtype == torch.float32:
+        ro, rl = landmark_fwd_torch(q, k, v, block, 0.3, tile=64)
+        ref = landmark_bwd_torch(do, q, k, v, ro, rl, block, 0.3, tile=64)
+        for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *got), (ro, rl, *ref)):
+            _close(a, b, n)
+
+
+_LAYOUT_SCRIPT = r"""
+import re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, sys.argv[1])
+from longctx.kernels import landmark_triton as lt
+f32, bf = "*fp32", "*bf16"
+sig = dict(Q=bf, K=bf, V=bf, DO=bf, LSE2=f32, DELTA=f32, DK=bf, DV_=bf, qk_scale="fp32", scale="fp32", H="i32",
+           G="i32", T="i32", W="i32")
+fn = lt._bwd_dkdv_kernel
+for name in ("default", "dkdv64w4"):
+    t = lt.CANDIDATES[name].dkdv
+    consts = dict(D=128, DV=128, BM=t.bm, BN=64, LC=16, PREC=None, UPCAST=False)
+    s = {k: ("constexpr" if k in consts else v) for k, v in {**sig, **consts}.items()}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in s.items() if v.startswith("*")}
+    src = ASTSource(fn, s, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": t.warps, "num_stages": t.stages})
+    print(name, sorted(set(re.findall(r"swizzlingByteWidth = (\d+)", k.asm["ttgir"]))))
+"""
+
+
+def test_dkdv_operand_layouts_sm90(tmp_path):
+    """The cause of the H100 'illegal memory access' (bf16 backward at T=16K MHA, and at T=4K GQA
+    with dkdv64w4): the dK/dV kernel's landmark product took dS_L as a (BM, 16) register operand,
+    which Triton 3.6 stored N-major with a 32-byte swizzle for sm_90's wgmma; the kernel faulted
+    although every global access is in bounds. Compiled offline for sm_90 (no GPU needed), every
+    shared-memory operand of the dK/dV kernel must use the 128-byte swizzle, as those of the forward
+    kernel (which ran clean at 16K) do. Skipped where Triton cannot compile for sm_90 here."""
+    import subprocess
+    import sys
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT, root], capture_output=True, text=True, env=env,
+                       timeout=600)
+    if r.returncode != 0:
+        pytest.skip(f"cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1:] }")
+    lines = dict(ln.split(" ", 1) for ln in r.stdout.strip().splitlines())
+    assert set(lines) == {"default", "dkdv64w4"}, r.stdout
+    for name, widths in lines.items():
+        assert widths == "['128']", f"{name}: shared-memory swizzle widths {widths} (32 faulted on an H100)"
