@@ -127,10 +127,13 @@ def run_length(seq_len: int, steps: int, overrides, keep: bool) -> dict:
             "load_after": load_avg()}
 
 
+OVERRIDES: list = []  # the command line's config overrides: the plan describes the config that runs
+
+
 def plan_for(seq_len: int):
     from longctx.config import load_config
     from longctx.train import planner
-    cfg = load_config(CONFIG, [f"data.seq_len={seq_len}", f"model.max_seq_len={max(seq_len, 1 << 20)}"])
+    cfg = load_config(CONFIG, [*OVERRIDES, f"data.seq_len={seq_len}", f"model.max_seq_len={max(seq_len, 1 << 20)}"])
     return cfg, planner.plan(cfg, 2)
 
 
@@ -287,10 +290,19 @@ def main() -> int:
     if args.report_only:
         replan(rows)
         lengths = []
-    measured = [r for r in rows.values() if not r.get("planned_only")]
-    if measured:
-        rate = max(measured, key=lambda r: r["seq_len"])["achieved_flops_per_s_rank"]
+    OVERRIDES[:] = list(args.overrides or [])
+
+    def rate_below(L):
+        """(FLOP/s per rank, length) of the longest measured length shorter than L: the step-time
+        prediction for L never uses a measurement of L itself."""
+        below = [r for r in rows.values() if not r.get("planned_only") and r["seq_len"] < L]
+        if not below:
+            return None, None
+        r = max(below, key=lambda r: r["seq_len"])
+        return r["achieved_flops_per_s_rank"], r["seq_len"]
+
     for L in lengths:
+        rate, rate_from = rate_below(L)
         cfg, p = plan_for(L)
         avail = planner.available_bytes()
         fits = planner.check_fits(cfg, 2, 2, avail)[0] if avail else True
@@ -301,9 +313,9 @@ def main() -> int:
               f"rank; load average {load_avg():.1f}", flush=True)
         res = run_length(L, args.steps, args.overrides, args.keep)
         row = summarize(L, res, p, rate)
+        row["plan_rate_from"] = rate_from
         print_row(row)
         rows[L] = row
-        rate = row["achieved_flops_per_s_rank"]
     for L in plan_lengths:
         longest = max((r for r in rows.values() if not r.get("planned_only")), key=lambda r: r["seq_len"], default=None)
         rows[L] = plan_only(L, longest["achieved_flops_per_s_rank"] if longest else rate)

@@ -36,24 +36,32 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from longctx.config import load_config
+    from longctx.config import ConfigError, load_config
     from longctx.train import planner
-    ov = list(args.overrides or [])
-    if args.seq_len:
-        ov.append(f"data.seq_len={args.seq_len}")
-    cfg = load_config(args.config, ov + ([f"model.max_seq_len={args.seq_len}"] if args.seq_len else []),
-                      world_size=args.world_size)
-    p = planner.plan(cfg, args.world_size)
+    for flag, v, ok, what in (("--world-size", args.world_size, args.world_size >= 1, "an integer >= 1"),
+                              ("--seq-len", args.seq_len, args.seq_len is None or args.seq_len >= 1,
+                               "an integer >= 1"),
+                              ("--memory-gib", args.memory_gib, args.memory_gib is None or args.memory_gib > 0,
+                               "a number > 0 (GiB)"),
+                              ("--ranks-per-node", args.ranks_per_node,
+                               args.ranks_per_node is None or 1 <= args.ranks_per_node <= args.world_size,
+                               f"between 1 and --world-size ({args.world_size})"),
+                              ("--flops-per-s", args.flops_per_s, args.flops_per_s is None or args.flops_per_s > 0,
+                               "a number > 0")):
+        if not ok:
+            raise ConfigError(f"{flag} {v}: expected {what}")
+    cfg = load_config(args.config, list(args.overrides or []), world_size=args.world_size)
+    p = planner.plan(cfg, args.world_size, args.seq_len)  # a longer --seq-len raises max_seq_len with it
     if args.json:
         print(json.dumps(p.to_dict(), indent=1))
     else:
         print(planner.format_plan(p, args.flops_per_s))
     here = args.ranks_per_node or args.world_size
-    budget = args.memory_gib * planner.GIB if args.memory_gib else planner.available_bytes()
+    budget = args.memory_gib * planner.GIB if args.memory_gib is not None else planner.available_bytes()
     if budget is None:
         return 0
-    ok, _, msg = planner.check_fits(cfg, args.world_size, here, budget)
-    src = f"--memory-gib {args.memory_gib:g}" if args.memory_gib else "this machine's available memory"
+    ok, _, msg = planner.check_fits(cfg, args.world_size, here, budget, seq_len=args.seq_len)
+    src = f"--memory-gib {args.memory_gib:g}" if args.memory_gib is not None else "this machine's available memory"
     if ok:
         print(f"fits: {here} rank(s) x {p.peak_bytes / planner.GIB:.2f} GiB <= {budget / planner.GIB:.2f} GiB ({src})",
               file=sys.stderr if args.json else sys.stdout)

@@ -511,8 +511,9 @@ def validate_lean(m) -> None:
         v = m[key]
         _need(v >= 0, f"model.{key}={v} must be >= 0: 0 for the plain path, or {what}")
     _need(m.recompute_mlp or (m.activation_checkpointing and m.mlp_tile > 0 and not m.offload_activations),
-          "model.recompute_mlp=false needs model.activation_checkpointing=true and model.mlp_tile > 0 (the tiled "
-          "MLP keeps only its input), without model.offload_activations")
+          f"model.recompute_mlp=false needs model.activation_checkpointing=true and model.mlp_tile > 0 (the tiled "
+          f"MLP keeps only its input), without model.offload_activations; got activation_checkpointing="
+          f"{m.activation_checkpointing}, mlp_tile={m.mlp_tile}, offload_activations={m.offload_activations}")
     _need(not m.offload_activations or m.activation_checkpointing,
           "model.offload_activations=true needs model.activation_checkpointing=true (what is offloaded is "
           "each checkpointed block's input): set both, or offload_activations=false")

@@ -304,7 +304,7 @@ def band_fwd_torch(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, n
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     L = _Band(Tq, n, window, q.device)
     kp, vp = L.pad_keys(k, Tk), L.pad_keys(v, Tk)
-    kdp = None if k_doc is None else torch.nn.functional.pad(k_doc, (L.P, L.Tk_pad), value=-2)
+    kdp = None if k_doc is None else torch.nn.functional.pad(k_doc, (L.P, L.Tk_pad - L.P - Tk), value=-2)
     qg = q.view(B, Hkv, G, Tq, D)
     o = torch.empty(B, Hkv, G, L.nc * L.C, Dv, dtype=cdt, device=q.device)
     lse = torch.empty(B, Hkv, G, L.nc * L.C, dtype=cdt, device=q.device)
@@ -317,7 +317,7 @@ def band_fwd_torch(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, n
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)              # padded rows: no key
         p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
-        ot = torch.einsum("bhgnck,bhnkd->bhgncd", p, vw).div_(l.clamp_min(1e-300))
+        ot = torch.einsum("bhgnck,bhnkd->bhgncd", p, vw).div_(l.clamp_min(torch.finfo(cdt).tiny))  # padded rows: l = 0
         sl = slice(c0 * L.C, c1 * L.C)
         o[:, :, :, sl] = ot.flatten(3, 4)
         lse[:, :, :, sl] = (m + torch.log(l)).squeeze(-1).flatten(3, 4)
@@ -335,7 +335,7 @@ def band_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     cdt = lse.dtype
     L = _Band(Tq, n, window, q.device)
     kp, vp = L.pad_keys(k, Tk), L.pad_keys(v, Tk)
-    kdp = None if k_doc is None else torch.nn.functional.pad(k_doc, (L.P, L.Tk_pad), value=-2)
+    kdp = None if k_doc is None else torch.nn.functional.pad(k_doc, (L.P, L.Tk_pad - L.P - Tk), value=-2)
     qg, dog = q.view(B, Hkv, G, Tq, D), do.view(B, Hkv, G, Tq, Dv)
     Dterm = (dog.to(cdt) * o.view(B, Hkv, G, Tq, Dv).to(cdt)).sum(-1)
     if dlse is not None:

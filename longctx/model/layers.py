@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +73,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y2.view(*x.shape[:-1], D)
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: say so instead of a wrong answer
     def backward(ctx, dy):
         x, w, r = ctx.saved_tensors
         cdt = r.dtype

@@ -110,9 +110,9 @@ class SlidingWindowAttention(SoftmaxAttention):
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
         self.window = int(cfg.swa_window)
-        # torch-path tile: a query tile of b sees at most window - 1 + b keys, in key tiles of b;
-        # 128 for windows up to 256 (measured 16% faster than 256 at window 256 on the CPU)
-        self.block = 128 if self.window <= 256 else 256
+        # tile of the torch path's tile loop, used only where the banded path does not apply
+        # (windows above flash_torch.BAND_MAX_WINDOW); the Triton kernel picks its own tiles
+        self.block = 256
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
         q, k, v = self.project(x_BLD, ctx)

@@ -158,6 +158,8 @@ class _Correction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.needs_input_grad[2]:  # decay is a fixed buffer today; a learnt decay needs its term here
+            raise NotImplementedError("lightning SP correction: no gradient for a decay that requires grad")
         q, S_in, decay, first_len = ctx.saved_tensors
         T = q.shape[2]
         dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None

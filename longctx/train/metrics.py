@@ -151,3 +151,15 @@ def plot_loss(records: Iterable[Dict], path: str, title: Optional[str] = None) -
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def available_bytes() -> Optional[int]:
+    """MemAvailable of this machine in bytes (Linux /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

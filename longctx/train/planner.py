@@ -43,9 +43,11 @@ from omegaconf import DictConfig, OmegaConf
 
 GIB = 1024 ** 3
 
-# Measured by `python benchmarks/planner_calibrate.py` (this project's CI box: 2-core AMD EPYC,
-# torch 2.13 CPU, 1 thread; d_model 256, 4 heads, ffn_hidden 512, vocab 320, memory depth 1 chunk 64,
-# swa window 256; slopes between 8K and 16K tokens). Bytes per token per d_model; A: one layer,
+# From `python benchmarks/planner_calibrate.py` (this project's CI box: 2-core AMD EPYC, torch 2.13
+# CPU, 1 thread; d_model 256, 4 heads, ffn_hidden 512, vocab 320, swa window 256), rounded; taken
+# before RMSNorm kept only x and 1/rms for backward and before the banded sliding-window path, both
+# of which lowered the real figures (rerun the script to refresh; A0/A_sp/A1_sp, which it also
+# prints, are used where present). Bytes per token per d_model; A: one layer,
 # block checkpointed (memory: not, it recomputes itself); A1: lightning with one head per kernel
 # group; S: what one more block holds when not checkpointed.
 CALIBRATION: Dict[str, Any] = {
@@ -95,6 +97,17 @@ class Plan:
     flops_executed_rank: float          # FLOPs one rank executes in a step, recomputation included
     flops_sequential_rank: float        # FLOPs run one rank after another (memory hand-off chain)
     notes: List[str] = field(default_factory=list)
+
+    @property
+    def device_bytes(self) -> float:
+        """What one rank needs on its GPU: the tensors only (no host-offloaded optimizer states,
+        no process overhead, no host allocator factor). The activation constants are measured
+        with the CPU torch paths; on a GPU the fused kernels keep less, so this errs high."""
+        host = self.memory.get("optimizer (host)", 0.0) + self.memory.get("process", 0.0)
+        return sum(self.memory.values()) - host
+
+    def need_bytes(self, device: str) -> float:
+        return self.device_bytes if device == "cuda" else self.peak_bytes
 
     @property
     def total_bytes(self) -> float:
@@ -351,17 +364,12 @@ def step_seconds(p: Plan, flops_per_s: float) -> float:
 
 def available_bytes() -> Optional[int]:
     """MemAvailable of this machine (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from longctx.train.metrics import available_bytes as avail
+    return avail()
 
 
-def suggestions(cfg: DictConfig, world_size: int, seq_len: int, budget_rank: float) -> List[Tuple[str, Plan]]:
+def suggestions(cfg: DictConfig, world_size: int, seq_len: int, budget_rank: float,
+                device: str = "cpu") -> List[Tuple[str, Plan]]:
     """Settings that would bring the per-rank peak under `budget_rank` bytes, each with its
     plan: each lean setting alone, all of them together, and the SP degree (on more machines)."""
     m = cfg.model
@@ -393,7 +401,7 @@ def suggestions(cfg: DictConfig, world_size: int, seq_len: int, budget_rank: flo
             p = plan(c, world_size, seq_len)
         except ConfigError:
             continue
-        if p.peak_bytes <= budget_rank:
+        if p.need_bytes(device) <= budget_rank:
             out.append((" ".join(ov), p))
     # more SP ranks (each on its own machine / device with this budget)
     for sp in (2, 4, 8, 16, 32, 64, 128):
@@ -405,28 +413,30 @@ def suggestions(cfg: DictConfig, world_size: int, seq_len: int, budget_rank: flo
             p = plan(c, sp * (world_size // cfg.parallel.sp), seq_len)
         except ConfigError:
             continue
-        if p.peak_bytes <= budget_rank:
+        if p.need_bytes(device) <= budget_rank:
             out.append((" ".join([f"parallel.sp={sp}", *extra]) + f" ({sp * (world_size // cfg.parallel.sp)} ranks, "
-                        f"one per machine or device of this size)", p))
+                        f"each with this rank's share of memory)", p))
             break
     return out
 
 
 def check_fits(cfg: DictConfig, world_size: int, ranks_here: int, budget_bytes: float, already_bytes: float = 0.0,
-               seq_len: Optional[int] = None) -> Tuple[bool, Plan, str]:
-    """Whether `ranks_here` ranks of this plan fit in `budget_bytes` (what this machine or device
-    has; `already_bytes` per rank are resident already). Returns (fits, plan, message)."""
+               seq_len: Optional[int] = None, device: str = "cpu") -> Tuple[bool, Plan, str]:
+    """Whether `ranks_here` ranks of this plan fit in `budget_bytes` (what this machine has, or
+    one GPU with device="cuda": then only the rank's tensors count, Plan.device_bytes;
+    `already_bytes` per rank are resident already). Returns (fits, plan, message)."""
     p = plan(cfg, world_size, seq_len)
-    need = ranks_here * max(0.0, p.peak_bytes - already_bytes)
+    rank_need = p.need_bytes(device)
+    need = ranks_here * max(0.0, rank_need - already_bytes)
     if need <= budget_bytes:
         return True, p, ""
     per_rank_budget = budget_bytes / max(1, ranks_here) + already_bytes
-    sugg = suggestions(cfg, world_size, p.seq_len, per_rank_budget)
-    lines = [f"data.seq_len={p.seq_len} will not fit: the planner predicts {p.peak_bytes / GIB:.2f} GiB per rank "
+    sugg = suggestions(cfg, world_size, p.seq_len, per_rank_budget, device)
+    lines = [f"data.seq_len={p.seq_len} will not fit: the planner predicts {rank_need / GIB:.2f} GiB per rank "
              f"({ranks_here} rank(s) here: {need / GIB:.2f} GiB more) but {budget_bytes / GIB:.2f} GiB is available "
              f"({describe_memory(p)})"]
     if sugg:
-        lines.append("settings that would fit: " + "; ".join(f"{ov} -> {q.peak_bytes / GIB:.2f} GiB per rank"
+        lines.append("settings that would fit: " + "; ".join(f"{ov} -> {q.need_bytes(device) / GIB:.2f} GiB per rank"
                                                              for ov, q in sugg))
     else:
         lines.append("no single setting fits; lower data.seq_len or use machines with more memory")

@@ -201,8 +201,7 @@ def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             budget = cfg.train.memory_gib * planner.GIB if cfg.train.memory_gib else free
-            ok, _, msg = planner.check_fits(cfg, world, 1, budget,
-                                            already_bytes=planner.CALIBRATION["process_bytes"])
+            ok, _, msg = planner.check_fits(cfg, world, 1, budget, device="cuda")
         else:
             avail = planner.available_bytes()
             budget = cfg.train.memory_gib * planner.GIB if cfg.train.memory_gib else avail
@@ -210,8 +209,10 @@ def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None
                 # this process (and its local peers) are resident already: count what they add
                 already = 0.0 if cfg.train.memory_gib else float(current_rss_bytes())
                 ok, _, msg = planner.check_fits(cfg, world, local_world, budget, already_bytes=already)
-    except ConfigError as exc:  # a plan the planner cannot make: say so, do not block the run
-        _log0(f"memory check skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a plan the planner cannot make: say so, do not block the run
+        # (any exception: every rank must reach the all_gather below, or the others hang)
+        print(f"longctx: rank {dist.get_rank()}: memory check skipped: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
         msg = ""
     msgs: List[Any] = [None] * world
     dist.all_gather_object(msgs, msg)
@@ -221,6 +222,14 @@ def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None
         where = "" if world == 1 else f" (rank {r}'s machine)"
         raise TrainingError(f"{m.splitlines()[0]}{where}\n" + "\n".join(m.splitlines()[1:])
                             + "\n(train.memory_check=false skips this check)")
+
+
+def _clock(device) -> float:
+    """Wall time for the per-phase split (rank_fwd_s / rank_bwd_s / rank_opt_s): on a GPU after
+    the queued work is done, so a phase is not just its launch time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def grad_divisor(engine) -> float:
@@ -256,8 +265,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     if device.type == "cpu":
         from longctx.kernels.cpu import mmap_large, tune_allocator
         tune_allocator()
-        if cfg.train.malloc_mmap_mib:
-            mmap_large(cfg.train.malloc_mmap_mib)
+        if cfg.train.malloc_mmap_mib and not mmap_large(cfg.train.malloc_mmap_mib):
+            _log0(f"train.malloc_mmap_mib={cfg.train.malloc_mmap_mib}: mallopt did not take effect here "
+                  f"(not glibc?): every allocation stays in the heap")
         torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
     _check_memory(cfg, world, local_world, device)  # before the model, data or optimizer exist
 
@@ -377,9 +387,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None,
                              sp=sp_handle)
-            tp = time.perf_counter()
+            tp = _clock(device)
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
-            phase[0] += time.perf_counter() - tp
+            phase[0] += _clock(device) - tp
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
             if step + 1 == _INJECT_NAN_GRAD_STEP:
@@ -391,9 +401,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                 break
             # DeepSpeed divides by grad_accum and by `divisor` after summing over dp x sp: undo
             # both so the result is d(sum of all ranks' token losses / n_global).
-            tp = time.perf_counter()
+            tp = _clock(device)
             engine.backward(loss_sum * (divisor * ga / n_global))
-            phase[1] += time.perf_counter() - tp
+            phase[1] += _clock(device) - tp
             if zero0 and engine.is_gradient_accumulation_boundary() and not _grads_finite(model, device):
                 # ZeRO-0 has no overflow check and reports no norm: stop before the update lands
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
@@ -401,9 +411,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                                     f"the update was not applied; resume with --resume auto after lowering train.lr")
             if _DUMP_GRADS and step == start_step and engine.is_gradient_accumulation_boundary():
                 _dump_grads(model, _DUMP_GRADS, rank)
-            tp = time.perf_counter()
+            tp = _clock(device)
             engine.step()
-            phase[2] += time.perf_counter() - tp
+            phase[2] += _clock(device) - tp
             loss_sum_local += float(loss_sum.detach())
         if not skipped:
             _check_gradients(engine, t, step + 1, last_good)
@@ -428,7 +438,8 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                        "tokens_per_s": tps, "mfu": fpt * tps / peak, "step_s": dt,
                        "grad_norm": float(gn) if gn is not None else None, **device_memory(device),
                        # per rank: forward / backward / optimizer seconds, seconds inside our collectives
-                       # and waits (SP hand-offs, halos, all-to-alls; DeepSpeed's own not included), peak RSS
+                       # and waits (SP hand-offs, halos, all-to-alls; DeepSpeed's own not included; host
+                       # time: on a GPU, NCCL calls return before the transfer ends), peak RSS
                        "rank_fwd_s": [r[0] for r in per], "rank_bwd_s": [r[1] for r in per],
                        "rank_opt_s": [r[2] for r in per], "rank_comm_s": [r[3] for r in per],
                        "rank_peak_rss_gib": [r[4] / 1024 ** 3 for r in per]}

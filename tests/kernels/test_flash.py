@@ -129,3 +129,26 @@ def test_sliding_window_band_path_float64(Tq, n, W, H, Hkv, docs, scores, monkey
     for name, a, b, c in zip(["o", "lse", "dq", "dk", "dv"], band, ref, tiles):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sliding_window_band_path_low_precision(dtype, tol, monkeypatch):
+    """The banded path on fp32 / bf16 inputs (computed in fp32 like the tile loop) against the
+    tile loop: out, lse and every gradient, with halo keys in front and documents."""
+    from longctx.kernels import flash_torch as ft
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, Tq, n, W, D = 1, 4, 2, 150, 20, 33, 16
+    q = torch.randn(B, H, Tq, D, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Tq + n, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    kp = torch.arange(Tq + n)
+    kd = torch.randint(0, 2, (B, Tq + n), generator=g).sort(1).values
+    go = torch.randn(B, H, Tq, D, generator=g).to(dtype)
+
+    def run(max_window):
+        monkeypatch.setattr(ft, "BAND_MAX_WINDOW", max_window)
+        o, lse = flash_attn(q, k, v, True, None, W, (kd[:, n:], kd), q_pos=kp[n:], k_pos=kp)
+        return [o, lse, *torch.autograd.grad((o.float() * go.float()).sum() + lse.sum(), (q, k, v))]
+
+    for name, a, b in zip(["o", "lse", "dq", "dk", "dv"], run(4096), run(0)):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, msg=name)
