@@ -273,6 +273,21 @@ def _landmark_run(q, k, v, block, backend, go):
     return [o, lse, *grads]
 
 
+def _flash_timers(q, k, v, xs, go):
+    """(forward, forward+backward) closures of our causal flash kernel (Triton): the peer every
+    landmark timing is set beside."""
+    from longctx.kernels.flash import flash_attn
+
+    def fwd():
+        with torch.no_grad():
+            flash_attn(q, k, v, causal=True, backend="triton")
+
+    def fwdbwd():
+        o, _ = flash_attn(*xs, causal=True, backend="triton")
+        torch.autograd.grad(o, xs, go)
+    return fwd, fwdbwd
+
+
 def check_landmark():
     """Triton landmark kernel against the torch path (fp32, on the same values): GQA, block 64,
     lengths that end mid-group and on a group boundary."""
@@ -301,7 +316,6 @@ def check_landmark():
 def time_landmark(quick: bool):
     """Landmark attention (block 64) beside our causal flash kernel in the same run, bf16 d=128
     B=1 H=16 (MHA): forward and forward+backward; goal (issue 6): fwd+bwd within 1.5x of flash."""
-    from longctx.kernels.flash import flash_attn
     from longctx.kernels.landmark_torch import landmark_attn
     B, H, D, block = 1, 16, 128, 64
     for T in ([8192] if quick else [8192, 16384, 32768]):
@@ -317,13 +331,7 @@ def time_landmark(quick: bool):
         def lm_fwdbwd():
             torch.autograd.grad(landmark_attn(*xs, block, backend="triton"), xs, go)
 
-        def flash_fwd():
-            with torch.no_grad():
-                flash_attn(q, k, v, causal=True, backend="triton")
-
-        def flash_fwdbwd():
-            o, _ = flash_attn(*xs, causal=True, backend="triton")
-            torch.autograd.grad(o, xs, go)
+        flash_fwd, flash_fwdbwd = _flash_timers(q, k, v, xs, go)
 
         for name, fn in (("landmark_fwd", lm_fwd), ("landmark_fwdbwd", lm_fwdbwd), ("flash_fwd", flash_fwd),
                          ("flash_fwdbwd", flash_fwdbwd)):
@@ -470,7 +478,6 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
     import subprocess
     import tempfile
     from longctx.kernels import landmark_triton as lt
-    from longctx.kernels.flash import flash_attn
     t0 = time.time()
     B, H, D, block = shapes["B"], shapes["H"], shapes["D"], shapes["block"]
     T = shapes["T_quick"] if quick else shapes["T"]
@@ -492,13 +499,7 @@ def time_landmarksweep(quick: bool, budget_s: float = 170.0, device: str = "cuda
     (qt, kt, vt, gout, xs), lm_fwd, lm_fwdbwd = _timing_fns(shapes, quick, device)
     flash = {}
     try:
-        def flash_fwd():
-            with torch.no_grad():
-                flash_attn(qt, kt, vt, causal=True, backend="triton")
-
-        def flash_fwdbwd():
-            o, _ = flash_attn(*xs, causal=True, backend="triton")
-            torch.autograd.grad(o, xs, gout)
+        flash_fwd, flash_fwdbwd = _flash_timers(qt, kt, vt, xs, gout)
         flash = {"fwd": cuda_time(flash_fwd, reps=5, warmup=1), "fwdbwd": cuda_time(flash_fwdbwd, reps=5, warmup=1)}
         print(f"sweep flash (reference): fwd {flash['fwd'] * 1e3:.2f} ms, fwd+bwd {flash['fwdbwd'] * 1e3:.2f} ms",
               flush=True)

@@ -224,10 +224,11 @@ def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None
                             + "\n(train.memory_check=false skips this check)")
 
 
-def _clock(device) -> float:
-    """Wall time for the per-phase split (rank_fwd_s / rank_bwd_s / rank_opt_s): on a GPU after
-    the queued work is done, so a phase is not just its launch time."""
-    if device.type == "cuda":
+def _clock(device, sync: bool) -> float:
+    """Wall time for the per-phase split (rank_fwd_s / rank_bwd_s / rank_opt_s). With `sync` (the
+    steps whose phases are logged) on a GPU after the queued work is done, so a phase is not just
+    its launch time; other steps add no synchronisation to the training loop."""
+    if sync and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
@@ -382,14 +383,15 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
             raise TrainingError(f"step {step + 1}: the batch has no target tokens (all labels are -100)")
         loss_sum_local, skipped = 0.0, False
         phase = [0.0, 0.0, 0.0]  # forward, backward, optimizer seconds of this step
+        logged = (step + 1) % t.log_every == 0 or step + 1 == end_step  # its phases are reported
         comm0 = COMM.seconds
         for b in batches:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None,
                              sp=sp_handle)
-            tp = _clock(device)
+            tp = _clock(device, logged)
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
-            phase[0] += _clock(device) - tp
+            phase[0] += _clock(device, logged) - tp
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
             if step + 1 == _INJECT_NAN_GRAD_STEP:
@@ -401,9 +403,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                 break
             # DeepSpeed divides by grad_accum and by `divisor` after summing over dp x sp: undo
             # both so the result is d(sum of all ranks' token losses / n_global).
-            tp = _clock(device)
+            tp = _clock(device, logged)
             engine.backward(loss_sum * (divisor * ga / n_global))
-            phase[1] += _clock(device) - tp
+            phase[1] += _clock(device, logged) - tp
             if zero0 and engine.is_gradient_accumulation_boundary() and not _grads_finite(model, device):
                 # ZeRO-0 has no overflow check and reports no norm: stop before the update lands
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved yet"
@@ -411,9 +413,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
                                     f"the update was not applied; resume with --resume auto after lowering train.lr")
             if _DUMP_GRADS and step == start_step and engine.is_gradient_accumulation_boundary():
                 _dump_grads(model, _DUMP_GRADS, rank)
-            tp = _clock(device)
+            tp = _clock(device, logged)
             engine.step()
-            phase[2] += _clock(device) - tp
+            phase[2] += _clock(device, logged) - tp
             loss_sum_local += float(loss_sum.detach())
         if not skipped:
             _check_gradients(engine, t, step + 1, last_good)
@@ -424,14 +426,14 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
             tokens_seen += tokens_per_step
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            if (step + 1) % t.log_every == 0 or step + 1 == end_step:
+            if logged:
                 # every rank's phases and peak memory (one small all-reduce, on logged steps)
                 per = torch.zeros(world, 5, dtype=torch.float64, device=device)
                 per[rank] = torch.tensor([*phase, COMM.seconds - comm0, float(peak_rss_bytes())], dtype=torch.float64)
                 if world > 1:
                     dist.all_reduce(per)
                 per = per.tolist()
-            if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == end_step):
+            if rank == 0 and logged:
                 gn = engine.get_global_grad_norm()
                 tps = tokens_per_step / dt
                 rec = {"step": step + 1, "loss": loss, "lr": t.lr * sched_fn(step), "tokens": tokens_seen,
