@@ -42,6 +42,11 @@ class MemoryConfig:
     # (memory linear in length with a small constant); 0: off. A memory layer that does this is
     # not also checkpointed as a whole block (model.activation_checkpointing skips it).
     recompute: int = 0
+    # Sequence parallelism of `memory` layers: handoff = the memory state passes rank r -> r+1
+    # (exact; ranks wait for each other: the scan runs one rank after another); ulysses = one
+    # all-to-all gives each rank whole sequences for heads/sp memory heads, which it scans alone
+    # (no waiting; needs memory heads divisible by parallel.sp). mag / mal / mac always hand off.
+    sp_mode: str = "handoff"
 
 
 @dataclass
@@ -457,11 +462,18 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                   f"parallel.sp={p.sp}: each rank's {shard} tokens are fewer than model.memory.window - 1 = "
                   f"{m.memory.window - 1} (the window's keys come from the previous rank only): use fewer ranks, "
                   f"a longer data.seq_len or a smaller window")
-            _need(shard % m.memory.chunk == 0,
+            uly = m.memory.sp_mode == "ulysses" and not any(n in ("mag", "mal") for n in m.mixers)
+            if m.memory.sp_mode == "ulysses":
+                mh = m.memory.heads or m.n_heads
+                _need(mh % p.sp == 0,
+                      f"model.memory.sp_mode=ulysses: the {mh} memory heads (model.memory.heads, default "
+                      f"model.n_heads) are not divisible by parallel.sp={p.sp}: use sp_mode=handoff or a head "
+                      f"count that is a multiple of {p.sp}")
+            _need(uly or shard % m.memory.chunk == 0,
                   f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
                   f"model.memory.chunk={m.memory.chunk}, which the memory hand-off between ranks needs: use "
                   f"data.seq_len={-(-d.seq_len // (p.sp * m.memory.chunk)) * p.sp * m.memory.chunk}")
-            _need(not m.activation_checkpointing or (m.memory.recompute > 0 and not any(n in ("mag", "mal")
+            _need(uly or not m.activation_checkpointing or (m.memory.recompute > 0 and not any(n in ("mag", "mal")
                                                                                      for n in m.mixers)),
                   "model.activation_checkpointing with sequence-parallel memory layers would resend the memory "
                   "state when the forward is recomputed: set it false (or parallel.sp=1), or, for `memory` "
@@ -548,6 +560,9 @@ def validate_memory(m) -> None:
     _need(mm.recompute >= 0 and mm.recompute % mm.chunk == 0,
           f"model.memory.recompute={mm.recompute} must be 0 (off) or a positive multiple of model.memory.chunk="
           f"{mm.chunk}, e.g. {64 * mm.chunk}")
+    _need(mm.sp_mode in ("handoff", "ulysses"),
+          f"model.memory.sp_mode={mm.sp_mode!r} is not one of 'handoff' (state passed rank to rank) or 'ulysses' "
+          f"(all-to-all over memory heads)")
     _need(mm.n_persistent >= 0, f"model.memory.n_persistent={mm.n_persistent} must be >= 0")
     _need(mm.max_lr > 0, f"model.memory.max_lr={mm.max_lr} must be > 0 (values >= 1 diverge with l2-normalised keys)")
     _need(mm.max_state_norm > 0, f"model.memory.max_state_norm={mm.max_state_norm} must be > 0")

@@ -260,6 +260,19 @@ def _check(norms: List[Tensor], bound: float, where: str, chunk: int, off: int, 
             f"l2-normalised keys) or the momentum, or raise the bound")
 
 
+def causal_conv(ext: Tensor, w: Tensor, L: int) -> Tensor:
+    """Depthwise causal conv along dim -2: ext (..., K−1+L, C) = the K−1 rows before the L
+    outputs' rows, then those rows; w (..., C, K) broadcastable. Returns (..., L, C).
+
+    K shifted multiply-adds: the same sum as F.conv1d with groups=C, and on the CPU several
+    times faster than its depthwise kernel, backward especially."""
+    K = w.shape[-1]
+    conv = ext[..., 0:L, :] * w[..., 0]
+    for j in range(1, K):
+        conv = conv + ext[..., j:j + L, :] * w[..., j]
+    return conv
+
+
 def init_state(weights: Weights, batch: int) -> MemoryState:
     """Start state: the (learned) initial weights (H, in, out) expanded over the batch; zero momentum."""
     ws = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in weights)
@@ -317,13 +330,7 @@ class NeuralMemory(nn.Module):
         if tail is None:
             tail = p.new_zeros(B, K - 1, p.shape[-1])
         ext = torch.cat([tail.to(p.dtype), p], 1)                           # (B, K−1+L, C)
-        # depthwise causal conv as K shifted multiply-adds (the same sum as F.conv1d with groups=C;
-        # on the CPU several times faster than its depthwise kernel, backward especially)
-        w = self.conv_weight.to(p.dtype)
-        conv = ext[:, 0:L] * w[:, 0]
-        for j in range(1, K):
-            conv = conv + ext[:, j:j + L] * w[:, j]
-        h = F.silu(p + conv)
+        h = F.silu(p + causal_conv(ext, self.conv_weight.to(p.dtype), L))
         new_tail = ext[:, ext.shape[1] - (K - 1):]
         q, k, v = h.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_tail
@@ -377,7 +384,9 @@ class NeuralMemory(nn.Module):
         if tail is None:
             tail = x_BLD.new_zeros(B, self.kernel - 1, self.qkv_proj.out_features)
         ys = []
-        for a in range(0, L, self.recompute):
+        # split, not x[:, a:a+R] per piece: a slice's backward is a zero tensor of x's full size,
+        # O(pieces) full-size fills and adds in all; split's backward concatenates once
+        for a, x_piece in zip(range(0, L, self.recompute), x_BLD.split(self.recompute, 1)):
             n = len(mem.weights)
             has_gw = mem.grad_weights is not None
             flat = [*mem.weights, *mem.momentum, *(mem.grad_weights if has_gw else ()), tail]
@@ -391,7 +400,7 @@ class NeuralMemory(nn.Module):
                 return (y, *m.weights, *m.momentum, *(m.grad_weights or ()), out["conv"])
 
             nxt_off = (mem.offset + min(self.recompute, L - a)) % self.chunk
-            res = checkpoint(piece, x_BLD[:, a:a + self.recompute], *flat, use_reentrant=False)
+            res = checkpoint(piece, x_piece, *flat, use_reentrant=False)
             ys.append(res[0])
             w, mo = tuple(res[1:1 + n]), tuple(res[1 + n:1 + 2 * n])
             gw = tuple(res[1 + 2 * n:1 + 3 * n]) if nxt_off else None

@@ -114,7 +114,8 @@ def _positions(ctx, L: int) -> Tensor:
 @register_mixer("memory")
 class TitansMemory(nn.Module):
     """LMM: the neural memory alone. Sequence-parallel by handing the memory state (weights,
-    momentum, conv tail) from rank r to r+1 (parallel/state_passing.hand_off): exact."""
+    momentum, conv tail) from rank r to r+1 (parallel/state_passing.hand_off), or with
+    model.memory.sp_mode=ulysses by an all-to-all over memory heads (titans_ulysses.py): exact."""
     supports_sp = True
     sp_layouts = ("contiguous",)
 
@@ -129,6 +130,7 @@ class TitansMemory(nn.Module):
         # with model.memory.recompute the module checkpoints its own pieces (the block is then not
         # checkpointed as a whole: transformer.Block.checkpointed)
         self.recomputes_itself = self.mem.recompute > 0
+        self.sp_mode = getattr(cfg.memory, "sp_mode", "handoff")  # handoff | ulysses (titans_ulysses.py)
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
         _no_docs(ctx, "memory", sp_ok=True)
@@ -146,6 +148,9 @@ class TitansMemory(nn.Module):
         from longctx.parallel.state_passing import hand_off
         if ctx.carry:
             raise ValueError("memory mixer: streaming with carried state runs on one rank: pass ctx.sp=None")
+        if self.sp_mode == "ulysses":
+            from longctx.memory.titans_ulysses import memory_ulysses
+            return memory_ulysses(self.mem, x_BLD, ctx.sp)
         B, L, _ = x_BLD.shape
         if L % self.mem.chunk:
             raise ValueError(f"memory mixer: a shard of {L} tokens is not a multiple of model.memory.chunk="

@@ -178,9 +178,18 @@ def _block_terms(m, name: str, prec: str, s: int, T: int, B: int, checkpointed: 
         S += 4 * F * s
     if not checkpointed and not (name == "memory" and m.memory.recompute):
         A = c.get("A0", c["A"]) * d + (A - c["A"] * d)  # not checkpointed: A0, same analytic additions
+    if name == "memory" and sp > 1 and _memory_ulysses(m):
+        # titans_ulysses.py keeps the gathered projections and gate logits and the outputs before
+        # the output norm, (3·d + 3·H) + d values per token (the memory's inner width is d_model)
+        extra = (4 * d + 3 * (m.memory.heads or m.n_heads)) * s
+        A, S = A + extra, S + extra
     # model.recompute_mlp=false: a checkpointed block also keeps its MLP input and normalised copy
     hold = s * d * (1 if getattr(m, "recompute_mlp", True) else 3)
     return A, (hold if checkpointed else S)
+
+
+def _memory_ulysses(m) -> bool:
+    return getattr(m.memory, "sp_mode", "handoff") == "ulysses"
 
 
 def activation_per_token(cfg, T: int) -> Tuple[float, int]:
@@ -239,6 +248,9 @@ def communication(cfg, T: int, world: int) -> Dict[str, float]:
     if p.sp > 1 and "lightning" in names:
         hd = d // m.n_heads
         out["lightning states"] = 2 * p.sp * B * m.n_heads * hd * hd * 4
+    if p.sp > 1 and "memory" in names and _memory_ulysses(m):
+        H = m.memory.heads or m.n_heads
+        out["memory all-to-all"] = 2 * B * T * (3 * d + 3 * H) * s  # the qkv/gate send copy and receive buffer
     if p.sp > 1 and "swa" in names:
         kvd = (m.n_kv_heads or m.n_heads) * (d // m.n_heads)
         out["swa halo"] = 4 * B * (m.swa_window - 1) * kvd * s
@@ -310,8 +322,8 @@ def executed_flops_rank(cfg, seq_len: int, world: int) -> Tuple[float, float]:
         mlp_passes = passes if getattr(m, "recompute_mlp", True) else 3
         mlp = mlp_fwd * mlp_passes + (4 * d * F if m.mlp_tile else 0)
         total += (mixer + mlp) * T
-        if name in ("memory", "mag", "mal") and cfg.parallel.sp > 1:
-            seq += mixer * T * (cfg.parallel.sp - 1)
+        if name in ("memory", "mag", "mal") and cfg.parallel.sp > 1 and not (name == "memory" and _memory_ulysses(m)):
+            seq += mixer * T * (cfg.parallel.sp - 1)  # the hand-off chain (Ulysses over heads has none)
     total += 6 * d * V * T
     return total, seq
 
