@@ -150,7 +150,7 @@ def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int,
     engine.save_checkpoint(root, tag=tag, client_state={"longctx_step": step}, save_latest=False)
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
     if carried is not None:  # before the manifest, which then vouches for it
-        torch.save({"step": step, "state": carried}, os.path.join(folder, _carry_file(rank)))
+        torch.save({"step": step, "state": _compact(carried)}, os.path.join(folder, _carry_file(rank)))
     if rank == 0:
         atomic_write(os.path.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
     _fsync_files(folder)  # shards on disk before the manifest can vouch for them
@@ -281,6 +281,13 @@ def load(engine, folder: str, universal: bool = False) -> Dict[str, Any]:
     if _SAVE_AFTER_LOAD:  # test hook: the state as loaded, in this run's layout
         engine.save_checkpoint(_SAVE_AFTER_LOAD, tag=tag_for(int(meta["step"])), save_latest=False)
     return meta
+
+
+def _compact(state: Any) -> Any:
+    """Every tensor of a nested state as a compact copy: a carried window tail is a view of the
+    whole segment's keys, and torch.save would write the whole storage."""
+    from torch.utils._pytree import tree_map  # walks dicts, lists and MemoryState (a NamedTuple)
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
 
 
 def _carry_file(rank: int) -> str:

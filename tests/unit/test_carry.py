@@ -146,3 +146,22 @@ def test_load_carried_refuses_missing_or_other_state(tmp_path):
     assert torch.equal(ckpt.load_carried(str(tmp_path), 3, 1, "cpu")[0]["memory.0"], torch.ones(2))
     with pytest.raises(ckpt.CheckpointError, match="needs step 4 and train.grad_accum=2"):
         ckpt.load_carried(str(tmp_path), 4, 2, "cpu")
+
+
+def test_saved_state_is_compact_and_complete(tmp_path, monkeypatch):
+    """A carried window tail is a view of a segment's keys: the checkpoint keeps only the view,
+    with every field of the state (MemoryState included) as it was."""
+    from longctx.memory.titans import MemoryState
+
+    class Engine:
+        def save_checkpoint(self, root, tag, **kw):
+            os.makedirs(os.path.join(root, tag), exist_ok=True)
+
+    keys = torch.randn(2, 3, 100, 4)
+    state = [{"mag.0": {"swa": {"k": keys[:, :, 96:], "pos": torch.arange(96, 100)},
+                        "mem": {"mem": MemoryState((torch.ones(2, 2),), (torch.zeros(2, 2),), None, 3), "conv": None}}}]
+    folder = ckpt.save(Engine(), str(tmp_path), 5, {"step": 5}, 1, carried=state)
+    assert os.path.getsize(os.path.join(folder, "carry_rank00000.pt")) < keys.numel() * 4  # not the whole keys
+    back = ckpt.load_carried(folder, 5, 1, "cpu")[0]["mag.0"]
+    assert torch.equal(back["swa"]["k"], keys[:, :, 96:]) and back["mem"]["mem"].offset == 3
+    assert isinstance(back["mem"]["mem"], MemoryState) and back["mem"]["conv"] is None
