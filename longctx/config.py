@@ -188,6 +188,12 @@ class TrainConfig:
     # freed (kernels/cpu.py mmap_large); None keeps every allocation in the heap (fastest, but the
     # heap can reach 2-3x the live tensors of a long step).
     malloc_mmap_mib: Optional[float] = None
+    # Truncated backpropagation through time (docs/training.md, "Streaming with carried memory
+    # state"): each row streams consecutive data.seq_len segments of one region of the token stream
+    # (data.StreamSampler), and the state the mixers leave (Titans memory weights and momentum,
+    # conv and window tails, lightning's recurrent state) is carried, detached, into the next step
+    # and saved in checkpoints, so a resumed run continues exactly.
+    carry_state: bool = False
 
 
 @dataclass
@@ -423,6 +429,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     validate_memory(m)
     validate_rope_scaling(m)
     validate_lean(m)
+    validate_carry(cfg)
     _need(not (cfg.init.from_hf and cfg.init.from_checkpoint),
           f"init.from_hf={cfg.init.from_hf!r} and init.from_checkpoint={cfg.init.from_checkpoint!r}: "
           f"start from one of them")
@@ -514,6 +521,39 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
           f"deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
     _need(not ds.offload_param or ds.zero_stage == 3,
           f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+
+
+def validate_carry(cfg: DictConfig) -> None:
+    """train.carry_state: what the streams and the carried state do not support is refused."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
+    if not t.carry_state:
+        return
+    from longctx.model.mixers import carries_state
+    pre = "train.carry_state=true"
+    _need(any(carries_state(n) for n in m.mixers),
+          f"{pre} but none of model.mixers={list(m.mixers)} carries state: add a layer that does "
+          f"(memory, mag, mal, mac, lightning) or set train.carry_state=false")
+    _need(p.sp == 1, f"{pre} with parallel.sp={p.sp}: the carried state runs on one rank per sequence (the mixers "
+                     f"refuse ctx.carry under sequence parallelism): use parallel.sp=1")
+    _need(d.kind in ("tokens", "synthetic") and d.passkey_fraction == 0,
+          f"{pre} streams a token stream: data.kind={d.kind!r}, data.passkey_fraction={d.passkey_fraction}; use "
+          f"data.kind=tokens or synthetic with passkey_fraction=0")
+    _need(not d.mask_documents,
+          f"{pre} with data.mask_documents=true: the state is carried across document boundaries (the Titans "
+          f"mixers cannot reset it mid-sequence): set data.mask_documents=false")
+    _need("landmark" not in m.mixers,
+          f"{pre} with the landmark mixer: landmark layers keep no training state and the streams insert no "
+          f"landmarks; remove landmark from model.mixers")
+    _need(t.on_nonfinite == "stop",
+          f"{pre} with train.on_nonfinite={t.on_nonfinite!r}: a skipped step would leave a hole in every stream "
+          f"(its state is non-finite): use train.on_nonfinite=stop")
+    _need(m.rope_scaling.rope_type != "dynamic",
+          f"{pre} with model.rope_scaling.rope_type=dynamic: positions grow along the stream, so dynamic NTK "
+          f"would change the scaling step by step; use another rope_type")
+    _need("mac" not in m.mixers or d.seq_len % m.memory.segment == 0,
+          f"{pre} with mac layers: data.seq_len={d.seq_len} is not a multiple of model.memory.segment="
+          f"{m.memory.segment} (mac carries state only across segment boundaries): use data.seq_len="
+          f"{max(1, d.seq_len // m.memory.segment) * m.memory.segment}")
 
 
 def validate_lean(m) -> None:

@@ -45,3 +45,14 @@ def sp_capable(name: str) -> bool:
 def sp_layouts(name: str) -> tuple:
     """Sequence layouts a mixer accepts under SP (class attribute `sp_layouts`)."""
     return tuple(getattr(MIXERS[name], "sp_layouts", ("contiguous",)))
+
+
+# The Titans mixers (memory/titans_mixers.py) leave "<mixer>.<layer>" state with ctx.carry but
+# do not declare it with the class attribute yet.
+_TITANS_CARRY = ("memory", "mag", "mal", "mac")
+
+
+def carries_state(name: str) -> bool:
+    """Whether a mixer leaves its state in ctx.state with ctx.carry (class attribute
+    `carries_state`; the Titans mixers by name), so train.carry_state streams it."""
+    return name in _TITANS_CARRY or bool(getattr(MIXERS[name], "carries_state", False))

@@ -84,6 +84,20 @@ class SeqContext:
         return self._cache["docmask"]
 
 
+class SegmentState(dict):
+    """ctx.state for one segment of a carried stream (train.carry_state): reads see the state the
+    segment starts from, writes collect the state it ends in, in `after`. A block that activation
+    checkpointing runs again in backward then starts from the same state as its forward did (with
+    a plain dict it would read the state its own forward left). Mixers use only get, [] and []=."""
+
+    def __init__(self, before: Dict[str, Any]):
+        super().__init__(before)
+        self.after: Dict[str, Any] = {}
+
+    def __setitem__(self, key, value) -> None:
+        self.after[key] = value
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int, mixer: str):
         super().__init__()

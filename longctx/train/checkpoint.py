@@ -5,6 +5,8 @@ Layout of `<run_dir>/checkpoints/`:
     step_00000050/            one checkpoint (a DeepSpeed tag)
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's ZeRO shards
         rng_rank00000.pt ...                           every rank's RNG states
+        carry_rank00000.pt ...                         with train.carry_state: every rank's
+                                                       carried mixer state, one dict per micro-batch
         longctx.json                                   step, tokens, sampler, config, world
         MANIFEST.json                                  SHA-256 of every file above, written last
     latest                                             name of the newest complete checkpoint
@@ -124,8 +126,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int,
+         carried: Optional[List[Dict[str, Any]]] = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint folder. carried: this rank's
+    carried state (train.carry_state), one ctx.state dict per micro-batch, or None."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     folder = os.path.join(root, tag)
@@ -145,6 +149,8 @@ def save(engine, root: str, step: int, meta: Dict[str, Any], keep_last: int) -> 
         raise CheckpointError(verdict[0])
     engine.save_checkpoint(root, tag=tag, client_state={"longctx_step": step}, save_latest=False)
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
+    if carried is not None:  # before the manifest, which then vouches for it
+        torch.save({"step": step, "state": _compact(carried)}, os.path.join(folder, _carry_file(rank)))
     if rank == 0:
         atomic_write(os.path.join(folder, META), json.dumps(meta, indent=1, sort_keys=True).encode())
     _fsync_files(folder)  # shards on disk before the manifest can vouch for them
@@ -275,6 +281,34 @@ def load(engine, folder: str, universal: bool = False) -> Dict[str, Any]:
     if _SAVE_AFTER_LOAD:  # test hook: the state as loaded, in this run's layout
         engine.save_checkpoint(_SAVE_AFTER_LOAD, tag=tag_for(int(meta["step"])), save_latest=False)
     return meta
+
+
+def _compact(state: Any) -> Any:
+    """Every tensor of a nested state as a compact copy: a carried window tail is a view of the
+    whole segment's keys, and torch.save would write the whole storage."""
+    from torch.utils._pytree import tree_map  # walks dicts, lists and MemoryState (a NamedTuple)
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
+
+
+def _carry_file(rank: int) -> str:
+    return f"carry_rank{rank:05d}.pt"
+
+
+def load_carried(folder: str, step: int, n_micro: int, device) -> List[Dict[str, Any]]:
+    """This rank's carried state (train.carry_state) saved with checkpoint `folder` at `step`:
+    one ctx.state dict per micro-batch (memory weights and momentum as MemoryState, tails), on
+    `device`. CheckpointError when the checkpoint has none for this rank or another layout."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(folder, _carry_file(rank))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no carried state for rank {rank} ({_carry_file(rank)}): it was saved "
+                              f"with train.carry_state=false or by fewer ranks; resume with the settings it was "
+                              f"saved with, or start a new run (train.run_dir) from its weights with init.from_checkpoint")
+    saved = torch.load(path, map_location=device, weights_only=False)  # MemoryState tuples: not weights-only
+    if saved.get("step") != step or len(saved.get("state", ())) != n_micro:
+        raise CheckpointError(f"{path} holds the state of step {saved.get('step')} for {len(saved.get('state', ()))} "
+                              f"micro-batches; this resume needs step {step} and train.grad_accum={n_micro}")
+    return list(saved["state"])
 
 
 def resolve_folder(path: str) -> str:

@@ -737,6 +737,77 @@ class PackedSampler(_StepSampler):
         return {k: torch.from_numpy(np.stack([s[j] for s in samples])) for j, k in enumerate(keys)}
 
 
+class StreamSampler(_StepSampler):
+    """Contiguous streams for truncated backpropagation through time (train.carry_state).
+
+    The token file is cut into R = micro_batch_size x dp_size x grad_accum regions of
+    region_len = (n_tokens - 1) // R tokens, one per global row; row r = (micro x dp_size +
+    dp_rank) x micro_batch_size + i. At step s row r reads segment k = s % K of its region
+    (K = region_len // seq_len), tokens [r·region_len + k·seq_len, +seq_len+1): row r's tokens at
+    step s + 1 follow its tokens at step s, so the state a model carries over from step s is the
+    state of the same stream. Positions count from the region start (k·seq_len + arange), so
+    carried sliding-window keys sit before the segment's queries. Every K steps the regions start
+    over (an epoch; `starts_stream` says when, and the trainer drops the carried state then).
+    Documents inside a region are not marked for the state: the model reads eos as any token.
+    One SP rank only (carried state does not run sequence-parallel), no landmarks.
+    """
+
+    def __init__(self, token_file, seq_len: int, micro_batch_size: int, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1, grad_accum: int = 1):
+        super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, 0, 1)
+        _check_positive("grad_accum", grad_accum)
+        self.grad_accum = grad_accum
+        self.token_file = TokenFile(token_file) if isinstance(token_file, str) else token_file
+        n = self.token_file.n_tokens
+        self.rows = micro_batch_size * dp_size * grad_accum
+        self.region_len = (n - 1) // self.rows
+        self.segments = self.region_len // seq_len  # K: steps before the regions start over
+        if self.segments < 1:
+            raise ValueError(f"train.carry_state streams {self.rows} rows (data.micro_batch_size={micro_batch_size} x "
+                             f"{dp_size} data-parallel ranks x train.grad_accum={grad_accum}) of at least "
+                             f"data.seq_len={seq_len} tokens each, but the token file has n_tokens={n}: use fewer "
+                             f"rows, a shorter seq_len or more data (at least {self.rows * seq_len + 1} tokens)")
+
+    def starts_stream(self, step: int) -> bool:
+        """Whether step `step` (0-based) reads the first segment of every region: no state to carry."""
+        return step % self.segments == 0
+
+    def row_starts(self, step: int, micro: int = 0, grad_accum: int = 1) -> List[int]:
+        """First token of each row's segment at this step (micro_batch_size,)."""
+        if grad_accum != self.grad_accum:
+            raise ValueError(f"StreamSampler.batch(grad_accum={grad_accum}) but the streams were cut for "
+                             f"grad_accum={self.grad_accum}")
+        k = step % self.segments
+        return [(g % self.rows) * self.region_len + k * self.seq_len
+                for g in self.global_indices(step, micro, grad_accum)]
+
+    def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
+        """Tensors (micro_batch_size, seq_len) int64: input_ids, labels (next token), positions
+        (from the region start, the same for every row), doc_ids (from 0 at the segment start,
+        +1 after each eos)."""
+        T, tf = self.seq_len, self.token_file
+        ids, labels, doc = [], [], []
+        for start in self.row_starts(step, micro, grad_accum):
+            x = tf.read(start, start + T + 1)
+            ids.append(x[:-1])
+            labels.append(x[1:])
+            doc.append(tf.doc_index(start + np.arange(T, dtype=np.int64)) - tf.doc_index(np.int64(start)))
+        pos = (step % self.segments) * T + np.arange(T, dtype=np.int64)
+        out = {"input_ids": np.stack(ids), "labels": np.stack(labels),
+               "positions": np.broadcast_to(pos, (len(ids), T)), "doc_ids": np.stack(doc)}
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in out.items()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stream_rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stream_rows") != self.rows:
+            raise ValueError(f"data sampler state has stream_rows={state.get('stream_rows')} but this run streams "
+                             f"{self.rows} rows (micro_batch_size x data-parallel ranks x grad_accum): resume "
+                             f"train.carry_state with the settings it was saved with")
+        super().load_state_dict(state)
+
+
 class PasskeySampler(_StepSampler):
     """Passkey-retrieval training samples; a deterministic function of (seed, step).
 
@@ -837,11 +908,14 @@ class MixedSampler(_StepSampler):
 
 
 def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
-                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0):
+                 layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0,
+                 stream: bool = False, grad_accum: int = 1):
     """Build the sampler for `data_cfg.kind`; returns (sampler, vocab_size_needed).
 
     `tokenizer` may be None, in which case data_cfg.tokenizer is loaded. layout / ulysses: how
-    the sequence is split over the SP ranks (parallel/sharding.py).
+    the sequence is split over the SP ranks (parallel/sharding.py). stream: contiguous streams
+    for train.carry_state (StreamSampler, cut for `grad_accum` micro-batches per step) instead of
+    shuffled windows.
     """
     tok = load_tokenizer(data_cfg.tokenizer) if tokenizer is None else _as_tokenizer(tokenizer)
     common = dict(seq_len=data_cfg.seq_len, micro_batch_size=data_cfg.micro_batch_size,
@@ -852,6 +926,19 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
     if fraction and kind not in ("tokens", "synthetic"):
         raise ValueError(f"data.passkey_fraction={fraction} mixes passkey samples into LM data: use it with "
                          f"data.kind=tokens or synthetic (data.kind={kind!r})")
+
+    if stream:
+        # config.validate_carry refuses these first; this names the sampler's own limits
+        if kind not in ("tokens", "synthetic") or fraction or sp_size != 1 or landmark_block:
+            raise ValueError(f"stream sampling (train.carry_state) reads data.kind=tokens or synthetic on one SP "
+                             f"rank without passkey samples or landmarks; got data.kind={kind!r}, "
+                             f"passkey_fraction={fraction}, sp_size={sp_size}, landmark_block={landmark_block}")
+
+    def lm(token_file):
+        if stream:
+            return StreamSampler(token_file, data_cfg.seq_len, data_cfg.micro_batch_size, data_cfg.seed,
+                                 dp_rank, dp_size, grad_accum), tok.vocab_size
+        return mixed(PackedSampler(token_file, sp_rank=sp_rank, sp_size=sp_size, **common))
 
     def mixed(packed):
         if not fraction:
@@ -865,14 +952,14 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
                              f"file: set data.path=PREFIX made by `longctx data prepare`")
         tf = TokenFile(data_cfg.path)
         _check_tokenizer_matches(tf, tok)
-        return mixed(PackedSampler(tf, sp_rank=sp_rank, sp_size=sp_size, **common))
+        return lm(tf)
     if kind == "synthetic":
         if tok.name != "byte":
             raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} but data.kind='synthetic' "
                              f"is byte-level: set data.tokenizer=byte")
         cache = data_cfg.cache_dir or default_cache_dir()
         prefix = ensure_synthetic_token_file(cache, data_cfg.seed, data_cfg.synthetic_tokens)
-        return mixed(PackedSampler(prefix, sp_rank=sp_rank, sp_size=sp_size, **common))
+        return lm(prefix)
     if kind == "passkey":
         return PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets,
                               **common), tok.vocab_size

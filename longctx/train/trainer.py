@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from longctx.config import ConfigError, deepspeed_config, model_signature, sp_degrees, sp_layout, to_yaml, validate
-from longctx.model.transformer import DecoderLM, SeqContext, count_params, flops_per_token
+from longctx.model.transformer import DecoderLM, SegmentState, SeqContext, count_params, flops_per_token
 from longctx.parallel.groups import build_mesh, init_distributed
 from longctx.train import checkpoint as ckpt
 from longctx.train import reshard
@@ -115,6 +115,7 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
         pairs = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diff[:4])
         raise TrainingError(f"checkpoint {folder} was saved by another model config ({pairs}); "
                             f"use the config it was trained with or a new train.run_dir")
+    _check_carry_resumable(meta, cfg, world, folder)
     # Another world size or SP degree is fine (train/reshard.py) if the global batch is the same.
     problem = reshard.global_batch_problem(meta, cfg.data.micro_batch_size, cfg.train.grad_accum, world,
                                            cfg.parallel.sp)
@@ -131,6 +132,29 @@ def _check_resume_compatible(meta: Dict[str, Any], cfg: DictConfig, world: int, 
         if key in meta.get("data", {}) and meta["data"][key] != cfg.data[key]:
             raise TrainingError(f"checkpoint {folder} was saved with data.{key}={meta['data'].get(key)!r} but the "
                                 f"config says {cfg.data[key]!r}: the data stream would not continue where it stopped")
+
+
+def _check_carry_resumable(meta: Dict[str, Any], cfg: DictConfig, world: int, folder: str) -> None:
+    """train.carry_state resumes only from a checkpoint that carried state, on the same ranks
+    with the same rows per rank: each rank's saved state belongs to its own rows' streams."""
+    saved, now = bool(meta.get("carry_state", False)), bool(cfg.train.carry_state)
+    if saved != now:
+        why = ("it holds no carried state, and the data would switch from shuffled windows to streams" if now else
+               "its carried state would be dropped, and the data would switch from streams to shuffled windows")
+        raise TrainingError(f"checkpoint {folder} was saved with train.carry_state={str(saved).lower()} but the "
+                            f"config says {str(now).lower()}: {why}; resume with train.carry_state="
+                            f"{str(saved).lower()}, or start a new run (train.run_dir) from its weights with "
+                            f"init.from_checkpoint")
+    if not now:
+        return
+    pairs = [("world size", meta.get("world_size"), world),
+             ("data.micro_batch_size", meta.get("data", {}).get("micro_batch_size"), cfg.data.micro_batch_size),
+             ("train.grad_accum", meta.get("grad_accum"), cfg.train.grad_accum)]
+    diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in pairs if a != b]
+    if diff:
+        raise TrainingError(f"cannot resume from checkpoint {folder} with train.carry_state=true: {', '.join(diff)}; "
+                            f"every rank's carried state belongs to its own rows' streams, so resume on "
+                            f"{meta.get('world_size')} ranks with the micro-batch and grad_accum it was saved with")
 
 
 def _grads_finite(model: torch.nn.Module, device) -> bool:
@@ -224,6 +248,17 @@ def _check_memory(cfg: DictConfig, world: int, local_world: int, device) -> None
                             + "\n(train.memory_check=false skips this check)")
 
 
+def carried_after(state: SegmentState, step: int) -> Dict[str, Any]:
+    """The state a segment's forward left (train.carry_state), to carry into the next step. Every
+    layer that started from a state must have left one: a missing key would restart that layer's
+    stream silently."""
+    lost = sorted(set(state) - set(state.after))
+    if lost:
+        raise TrainingError(f"step {step}: layer state {lost} was carried in but not out of the forward "
+                            f"(train.carry_state): a mixer did not store its state in ctx.state")
+    return state.after
+
+
 def _clock(device, sync: bool) -> float:
     """Wall time for the per-phase split (rank_fwd_s / rank_bwd_s / rank_opt_s). With `sync` (the
     steps whose phases are logged) on a GPU after the queued work is done, so a phase is not just
@@ -305,7 +340,8 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     # Data: each rank reads only its own samples (and its own sequence shard).
     landmark_block = cfg.model.landmark_block if "landmark" in cfg.model.mixers else 0  # data inserts landmarks
     sampler, vocab_needed = make_sampler(cfg.data, cfg.data.tokenizer, mesh.dp_rank, mesh.dp, mesh.sp_rank, mesh.sp,
-                                         layout, ulysses, landmark_block)
+                                         layout, ulysses, landmark_block, stream=t.carry_state,
+                                         grad_accum=t.grad_accum)
     if vocab_needed > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({vocab_needed} ids): set model.vocab_size >= {vocab_needed}")
@@ -334,10 +370,14 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
     # Per-rank RNG streams differ (seeded by rank) for anything stochastic in the step.
     torch.manual_seed(t.seed + 1 + rank)
     start_step, tokens_seen = 0, 0
+    # train.carry_state: per micro-batch, the (detached) state its rows' streams ended the last step in
+    carried: List[Dict[str, Any]] = [{} for _ in range(t.grad_accum)]
     if resume_folder is not None:
         meta = ckpt.load(engine, resume_folder, universal=universal)
         start_step, tokens_seen = meta["step"], meta["tokens"]
         sampler.load_state_dict(meta["sampler"])
+        if t.carry_state:
+            carried = ckpt.load_carried(resume_folder, start_step, t.grad_accum, device)
         _log0(f"resumed from {resume_folder} at step {start_step}")
 
     log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"))
@@ -377,6 +417,8 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
         if _INJECT_STEP_SLEEP:
             time.sleep(_INJECT_STEP_SLEEP)
         batches = [sampler.batch(step, micro=m, grad_accum=ga) for m in range(ga)]
+        if t.carry_state and sampler.starts_stream(step):
+            carried = [{} for _ in range(ga)]  # the streams start over: nothing to carry
         n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_global = _allreduce([n_local], device)[0]
         if n_global == 0:
@@ -385,13 +427,16 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
         phase = [0.0, 0.0, 0.0]  # forward, backward, optimizer seconds of this step
         logged = (step + 1) % t.log_every == 0 or step + 1 == end_step  # its phases are reported
         comm0 = COMM.seconds
-        for b in batches:
+        for m, b in enumerate(batches):
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             ctx = SeqContext(positions=b["positions"], doc_ids=b["doc_ids"] if cfg.data.mask_documents else None,
-                             sp=sp_handle)
+                             sp=sp_handle, state=SegmentState(carried[m]) if t.carry_state else {},
+                             carry=t.carry_state)
             tp = _clock(device, logged)
             loss_sum, _ = engine(b["input_ids"], ctx, b["labels"])
             phase[0] += _clock(device, logged) - tp
+            if t.carry_state:
+                carried[m] = carried_after(ctx.state, step + 1)
             if step + 1 == _INJECT_NAN_STEP:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (LONGCTX_INJECT_NAN_STEP)
             if step + 1 == _INJECT_NAN_GRAD_STEP:
@@ -456,9 +501,9 @@ def _train(cfg: DictConfig, resume: Optional[str], guard: faults.StopGuard) -> T
             meta = {"step": done, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
                     "zero_stage": cfg.deepspeed.zero_stage, "model": model_signature(cfg),
                     "data": {k: cfg.data[k] for k in ("seed", "seq_len", "kind", "micro_batch_size")},
-                    "grad_accum": t.grad_accum, "sp": cfg.parallel.sp,
+                    "grad_accum": t.grad_accum, "sp": cfg.parallel.sp, "carry_state": bool(t.carry_state),
                     "config": OmegaConf.to_container(cfg, resolve=True)}
-            last_good = ckpt.save(engine, ckpt_root, done, meta, c.keep_last)
+            last_good = ckpt.save(engine, ckpt_root, done, meta, c.keep_last, carried if t.carry_state else None)
             if rank == 0 and t.plot:
                 plot_loss(read_jsonl(log.path), os.path.join(run_dir, "loss.png"), title=os.path.basename(run_dir))
             t_last = time.perf_counter()  # keep checkpoint time out of tokens/s
