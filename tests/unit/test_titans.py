@@ -255,3 +255,18 @@ def test_divergence_raises_a_clear_error():
 def test_config_validation(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         model_cfg(override)
+
+
+@pytest.mark.parametrize("ext_shape, w_shape", [((2, 9, 6), (6, 4)), ((2, 3, 7, 6), (3, 1, 6, 4)), ((1, 5, 3), (3, 1))])
+def test_causal_conv_formula_and_gradcheck(ext_shape, w_shape):
+    """The depthwise causal conv (one buffer, taps in place, own backward) equals the sum of
+    shifted products, and its gradients match finite differences (float64)."""
+    from longctx.memory.titans import causal_conv
+    g = torch.Generator().manual_seed(0)
+    ext = torch.randn(*ext_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*w_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    K = w_shape[-1]
+    L = ext_shape[-2] - (K - 1)
+    ref = sum(ext[..., j:j + L, :] * w[..., j] for j in range(K))
+    assert torch.allclose(causal_conv(ext, w, L), ref, atol=1e-14, rtol=0)
+    assert torch.autograd.gradcheck(lambda e, w: causal_conv(e, w, L), (ext, w))
