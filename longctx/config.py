@@ -36,7 +36,7 @@ class MemoryConfig:
     max_state_norm: float = 1.0e4  # a memory weight/momentum norm above this is divergence
     conv: int = 4               # depthwise causal conv kernel on q, k, v
     window: int = 256           # sliding-window attention of mag / mal
-    segment: int = 256          # mac segment length (a multiple of chunk)
+    segment: int = 256          # mac segment length (a multiple of chunk; under SP it divides each shard)
     n_persistent: int = 4       # mac persistent memory tokens
     # Training: run the memory this many tokens at a time, each piece recomputed in backward
     # (memory linear in length with a small constant); 0: off. A memory layer that does this is
@@ -462,14 +462,14 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             from longctx.parallel.ulysses import check_heads
             why = check_heads(m.n_heads, kv, ulysses, p.sp)
             _need(why is None, f"parallel.sp_ulysses={ulysses}: {why}")
-        if any(n in ("memory", "mag", "mal") for n in m.mixers):
+        if any(n in ("memory", "mag", "mal", "mac") for n in m.mixers):
             from longctx.parallel.sharding import padded_length
             shard = padded_length(d.seq_len, p.sp, "contiguous") // p.sp
             _need(not any(n in ("mag", "mal") for n in m.mixers) or shard >= m.memory.window - 1,
                   f"parallel.sp={p.sp}: each rank's {shard} tokens are fewer than model.memory.window - 1 = "
                   f"{m.memory.window - 1} (the window's keys come from the previous rank only): use fewer ranks, "
                   f"a longer data.seq_len or a smaller window")
-            uly = m.memory.sp_mode == "ulysses" and not any(n in ("mag", "mal") for n in m.mixers)
+            uly = m.memory.sp_mode == "ulysses" and not any(n in ("mag", "mal", "mac") for n in m.mixers)
             if m.memory.sp_mode == "ulysses":
                 mh = m.memory.heads or m.n_heads
                 _need(mh % p.sp == 0,
@@ -480,12 +480,18 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                   f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
                   f"model.memory.chunk={m.memory.chunk}, which the memory hand-off between ranks needs: use "
                   f"data.seq_len={-(-d.seq_len // (p.sp * m.memory.chunk)) * p.sp * m.memory.chunk}")
-            _need(uly or not m.activation_checkpointing or (m.memory.recompute > 0 and not any(n in ("mag", "mal")
+            # mac segments are rank-local (segment is a multiple of chunk: validate_memory)
+            _need("mac" not in m.mixers or shard % m.memory.segment == 0,
+                  f"parallel.sp={p.sp}: each rank's {shard} tokens (data.seq_len={d.seq_len}) are not a multiple of "
+                  f"model.memory.segment={m.memory.segment}: a mac segment would straddle two ranks; use "
+                  f"data.seq_len={-(-d.seq_len // (p.sp * m.memory.segment)) * p.sp * m.memory.segment} or a "
+                  f"segment (a multiple of model.memory.chunk={m.memory.chunk}) that divides {shard}")
+            _need(uly or not m.activation_checkpointing or (m.memory.recompute > 0 and not any(n in ("mag", "mal", "mac")
                                                                                      for n in m.mixers)),
-                  "model.activation_checkpointing with sequence-parallel memory layers would resend the memory "
-                  "state when the forward is recomputed: set it false (or parallel.sp=1), or, for `memory` "
-                  "layers (not mag/mal), set model.memory.recompute (the layer then recomputes itself piece by "
-                  "piece and is not checkpointed as a block)")
+                  f"model.activation_checkpointing=true with sequence-parallel (parallel.sp={p.sp}) memory layers "
+                  "would resend the memory state when the forward is recomputed: set it false (or parallel.sp=1), "
+                  "or, for `memory` layers (not mag/mal/mac), set model.memory.recompute (the layer then recomputes "
+                  "itself piece by piece and is not checkpointed as a block)")
         _need(ring == 1 or not any(n == "landmark" for n in m.mixers),
               f"parallel.sp_ring={ring}: landmark attention runs under Ulysses only; set parallel.sp_ring=1 "
               f"(sp_ulysses={p.sp})")

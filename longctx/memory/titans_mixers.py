@@ -19,6 +19,14 @@ Carried state (ctx.carry): memory weights and momentum, the conv tails, and for 
 last window−1 keys/values, in ctx.state under "<mixer>.<layer>". Streaming in pieces equals
 one pass for memory/mag/mal at any split, and for mac at splits on segment boundaries.
 Documents are not masked (the memory would need a reset at each boundary): doc_ids are refused.
+
+Sequence parallel (contiguous layout, rank order = sequence order): all four hand the same
+carried state from rank r to r+1 (parallel/state_passing.hand_off; gradients travel back), so
+P ranks equal one process exactly. Each shard must end on a chunk boundary, so the memory state
+is weights + momentum (no partial chunk); mag/mal also need shards of at least window−1 tokens,
+and mac shards that are whole segments (segments are then rank-local: segment boundaries at
+multiples of model.memory.segment from the global start), its state being the memory state,
+retrieval's x-side conv tail and the update's y-side conv tail. ctx.carry with SP is refused.
 """
 from __future__ import annotations
 
@@ -172,12 +180,32 @@ def _detach_tail(tail: dict) -> dict:
     return {"k": tail["k"].detach(), "v": tail["v"].detach(), "pos": tail["pos"]}
 
 
+def _hand_off_memory(mixer, x_BLD: Tensor, ctx, extra0: list, body) -> Tensor:
+    """Run body sequence-parallel with mixer.mem's state (weights, momentum, conv tail) and the
+    mixer's own carried tensors (extra0: rank 0's start, shapes fixed on every rank) handed from
+    rank r to r+1 (parallel/state_passing.hand_off). The callers check that a shard ends on a
+    chunk boundary, so no partial chunk (grad_weights, offset) has to travel.
+    body(mem_state, extra) -> (y, mem_state, extra)."""
+    from longctx.memory.titans import MemoryState
+    from longctx.parallel.state_passing import hand_off
+    mem, B = mixer.mem, x_BLD.shape[0]
+    st0 = mem.initial_state(B, x_BLD.dtype)
+    n = len(st0["mem"].weights)
+    conv0 = x_BLD.new_zeros(B, mem.kernel - 1, mem.qkv_proj.out_features)  # = the None tail of one process
+    flat0 = [*st0["mem"].weights, *st0["mem"].momentum, conv0, *extra0]
+
+    def run(flat):
+        state = {"mem": MemoryState(tuple(flat[:n]), tuple(flat[n:2 * n])), "conv": flat[2 * n]}
+        y, mst, extra = body(state, flat[2 * n + 1:])
+        return y, [*mst["mem"].weights, *mst["mem"].momentum, mst["conv"], *extra]
+
+    return hand_off(run, flat0, ctx.sp, op=f"{mixer.kind}_state")
+
+
 def _sp_with_tail(mixer, x_BLD: Tensor, ctx, body) -> Tensor:
     """Sequence-parallel mag / mal: the memory state and the sliding window's last window-1
     keys/values are handed from rank r to r+1 (parallel/state_passing.hand_off).
     body(x, pos, mem_state, swa_tail) -> (y, mem_state, swa_tail)."""
-    from longctx.memory.titans import MemoryState
-    from longctx.parallel.state_passing import hand_off
     if ctx.carry:
         raise ValueError(f"{mixer.kind}: streaming with carried state runs on one rank: pass ctx.sp=None")
     B, L, _ = x_BLD.shape
@@ -186,22 +214,17 @@ def _sp_with_tail(mixer, x_BLD: Tensor, ctx, body) -> Tensor:
         raise ValueError(f"{mixer.kind}: a shard of {L} tokens must be a multiple of model.memory.chunk={mem.chunk} "
                          f"and at least model.memory.window - 1 = {keep} long: change data.seq_len or parallel.sp")
     pos = _positions(ctx, L)
-    st0 = mem.initial_state(B, x_BLD.dtype)
-    n = len(st0["mem"].weights)
-    C = mem.qkv_proj.out_features
-    kv = [x_BLD.new_zeros(B, attn.n_kv, keep, attn.head_dim) for _ in range(2 if keep else 0)]  # window 1: none
-    flat0 = [*st0["mem"].weights, *st0["mem"].momentum, x_BLD.new_zeros(B, mem.kernel - 1, C), *kv]
+    kv0 = [x_BLD.new_zeros(B, attn.n_kv, keep, attn.head_dim) for _ in range(2 if keep else 0)]  # window 1: none
     # rank 0 has no previous keys: its zero tail sits a full window before the first query (masked)
     first = int(pos[0]) - (mixer.window if ctx.sp.rank == 0 else 0) - keep
     tail_pos = first + torch.arange(keep, device=pos.device)
 
-    def run(flat):
-        state = {"mem": MemoryState(tuple(flat[:n]), tuple(flat[n:2 * n])), "conv": flat[2 * n]}
-        tail_in = {"k": flat[2 * n + 1], "v": flat[2 * n + 2], "pos": tail_pos} if keep else None
-        y, mst, tail = body(x_BLD, pos, state, tail_in)
-        return y, [*mst["mem"].weights, *mst["mem"].momentum, mst["conv"]] + ([tail["k"], tail["v"]] if keep else [])
+    def run(mem_state, kv):
+        tail_in = {"k": kv[0], "v": kv[1], "pos": tail_pos} if keep else None
+        y, mst, tail = body(x_BLD, pos, mem_state, tail_in)
+        return y, mst, ([tail["k"], tail["v"]] if keep else [])
 
-    return hand_off(run, flat0, ctx.sp, op=f"{mixer.kind}_state")
+    return _hand_off_memory(mixer, x_BLD, ctx, kv0, run)
 
 
 @register_mixer("mag")
@@ -285,8 +308,11 @@ class TitansMAL(nn.Module):
 @register_mixer("mac")
 class TitansMAC(nn.Module):
     """Memory as context: per segment, retrieval + persistent tokens + segment attention, then
-    the memory is updated with the attention output (see the module docstring)."""
-    supports_sp = False
+    the memory is updated with the attention output (see the module docstring). Sequence-parallel
+    with shards that are whole segments: the memory state and both conv tails (retrieval's x-side,
+    update's y-side) are handed from rank r to r+1 (parallel/state_passing.hand_off): exact."""
+    supports_sp = True
+    kind = "mac"
     sp_layouts = ("contiguous",)
 
     @staticmethod
@@ -325,24 +351,51 @@ class TitansMAC(nn.Module):
         o, _ = flash_attn(q, k, v, causal=True, q_pos=loc, k_pos=mask_k)
         return self.attn_out(o.transpose(1, 2).reshape(B, S, -1))
 
-    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mac")
-        key = f"mac.{self.layer_idx}"
-        B, L, _ = x_BLD.shape
-        st = ctx.state.get(key) if ctx.carry else None
-        if st is None:
-            st = {"x": self.mem.initial_state(B, x_BLD.dtype), "y_conv": None}
-        xs, mem_y = st["x"], {"mem": st["x"]["mem"], "conv": st["y_conv"]}
+    def _segments(self, x_BLD: Tensor, mem_y: dict, x_conv: Optional[Tensor]):
+        """The segment loop over x_BLD, segments counted from its first token. mem_y: the memory's
+        state (its conv tail is the y side's); x_conv: retrieval's conv tail. Returns (o_BLD, mem_y,
+        x_conv) after the last segment."""
         outs = []
-        for s0 in range(0, L, self.segment):
+        for s0 in range(0, x_BLD.shape[1], self.segment):
             x = x_BLD[:, s0:s0 + self.segment]
-            h, x_tail = self.mem.read(x, {"mem": mem_y["mem"], "conv": xs["conv"]})
-            xs = {"conv": x_tail}
+            h, x_conv = self.mem.read(x, {"mem": mem_y["mem"], "conv": x_conv})
             y = self._segment_attention(x, h)
             r, mem_y = self.mem(y, mem_y)
             outs.append(self.o_proj(self.y_norm(y) * torch.sigmoid(self.r_norm(r))))
+        return torch.cat(outs, 1), mem_y, x_conv
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        _no_docs(ctx, "mac", sp_ok=True)
+        if ctx.sp is not None and ctx.sp.size > 1:
+            return self._forward_sp(x_BLD, ctx)
+        key = f"mac.{self.layer_idx}"
+        st = ctx.state.get(key) if ctx.carry else None
+        if st is None:
+            st = {"x": self.mem.initial_state(x_BLD.shape[0], x_BLD.dtype), "y_conv": None}
+        o, mem_y, x_conv = self._segments(x_BLD, {"mem": st["x"]["mem"], "conv": st["y_conv"]}, st["x"]["conv"])
         if ctx.carry:
             d = detach_state(mem_y)
-            ctx.state[key] = {"x": {"mem": d["mem"], "conv": None if xs["conv"] is None else xs["conv"].detach()},
+            ctx.state[key] = {"x": {"mem": d["mem"], "conv": None if x_conv is None else x_conv.detach()},
                               "y_conv": d["conv"]}
-        return torch.cat(outs, 1)
+        return o
+
+    def _forward_sp(self, x_BLD: Tensor, ctx) -> Tensor:
+        if ctx.carry:
+            raise ValueError("mac: streaming with carried state runs on one rank: pass ctx.sp=None")
+        B, L, _ = x_BLD.shape
+        S, c = self.segment, self.mem.chunk
+        # a segment split between ranks would attend across the split; one ending inside a chunk
+        # would leave a partial chunk's state (grad_weights, offset) to hand on
+        if L % S:
+            raise ValueError(f"mac: a shard of {L} tokens is not a multiple of model.memory.segment={S} (a segment "
+                             f"must not straddle two ranks): make data.seq_len a multiple of parallel.sp x {S}")
+        if S % c:
+            raise ValueError(f"mac: model.memory.segment={S} is not a multiple of model.memory.chunk={c}, which the "
+                             f"hand-off between ranks needs: use segment {max(c, S // c * c)}")
+        x_conv0 = x_BLD.new_zeros(B, self.mem.kernel - 1, self.mem.qkv_proj.out_features)
+
+        def body(mem_y, extra):
+            o, mem_y, x_conv = self._segments(x_BLD, mem_y, extra[0])
+            return o, mem_y, [x_conv]
+
+        return _hand_off_memory(self, x_BLD, ctx, [x_conv0], body)

@@ -322,7 +322,7 @@ def executed_flops_rank(cfg, seq_len: int, world: int) -> Tuple[float, float]:
         mlp_passes = passes if getattr(m, "recompute_mlp", True) else 3
         mlp = mlp_fwd * mlp_passes + (4 * d * F if m.mlp_tile else 0)
         total += (mixer + mlp) * T
-        if name in ("memory", "mag", "mal") and cfg.parallel.sp > 1 and not (name == "memory" and _memory_ulysses(m)):
+        if name in ("memory", "mag", "mal", "mac") and cfg.parallel.sp > 1 and not (name == "memory" and _memory_ulysses(m)):
             seq += mixer * T * (cfg.parallel.sp - 1)  # the hand-off chain (Ulysses over heads has none)
     total += 6 * d * V * T
     return total, seq

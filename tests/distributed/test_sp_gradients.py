@@ -55,6 +55,9 @@ MIXER_CASES = {
                "data.mask_documents=false"],
     "mag": ["model.mixers=[mag]", "model.memory.chunk=8", "model.memory.window=6", "data.seq_len=64",
             "data.mask_documents=false"],
+    # mac: shards of two segments; its memory state and both conv tails handed rank to rank
+    "mac": ["model.mixers=[mac]", "model.memory.chunk=8", "model.memory.segment=16", "data.seq_len=64",
+            "data.mask_documents=false"],
     # the million-token model's layers with every memory-lean setting: lightning state passing,
     # swa halo exchange, memory hand-off with its pieces recomputed, blocks checkpointed
     "hybrid_lean": ["model.mixers=[lightning,swa,memory]", "model.n_layers=3", "model.swa_window=5",

@@ -89,6 +89,28 @@ def test_sequence_parallel_layout_resolved():
     assert sp_degrees(cfg.parallel) == (2, 1) and sp_layout(cfg) == "contiguous"
 
 
+MAC_SP = ["model.mixers=[mac,softmax]", "parallel.sp=2", "model.memory.chunk=16"]
+
+
+@pytest.mark.parametrize("ov, words", [
+    # 256 tokens over 2 ranks: shards of 128 cannot hold whole segments of 256
+    (["model.memory.segment=256"], ["parallel.sp=2", "each rank's 128 tokens", "model.memory.segment=256",
+                                    "straddle", "data.seq_len=512", "divides 128"]),
+    # the recomputed forward would send the memory state again; memory.recompute does not help mac
+    (["model.memory.segment=64", "model.activation_checkpointing=true", "model.memory.recompute=64"],
+     ["model.activation_checkpointing=true", "parallel.sp=2", "set it false", "not mag/mal/mac"]),
+])
+def test_sequence_parallel_mac_checked(ov, words):
+    msg = err(MAC_SP + ov, world_size=2)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_sequence_parallel_mac_accepted():
+    cfg = load_config(TINY, MAC_SP + ["model.memory.segment=64"], world_size=2)
+    assert cfg.parallel.sp == 2 and list(cfg.model.mixers) == ["mac", "softmax"]
+
+
 def test_missing_file():
     assert "does not exist" in err([], path="configs/nope.yaml")
 
