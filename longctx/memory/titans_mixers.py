@@ -125,6 +125,7 @@ class TitansMemory(nn.Module):
     momentum, conv tail) from rank r to r+1 (parallel/state_passing.hand_off), or with
     model.memory.sp_mode=ulysses by an all-to-all over memory heads (titans_ulysses.py): exact."""
     supports_sp = True
+    kind = "memory"
     sp_layouts = ("contiguous",)
 
     @staticmethod
@@ -152,28 +153,21 @@ class TitansMemory(nn.Module):
 
 
     def _forward_sp(self, x_BLD: Tensor, ctx) -> Tensor:
-        from longctx.memory.titans import MemoryState
-        from longctx.parallel.state_passing import hand_off
         if ctx.carry:
             raise ValueError("memory mixer: streaming with carried state runs on one rank: pass ctx.sp=None")
         if self.sp_mode == "ulysses":
             from longctx.memory.titans_ulysses import memory_ulysses
             return memory_ulysses(self.mem, x_BLD, ctx.sp)
-        B, L, _ = x_BLD.shape
+        L = x_BLD.shape[1]
         if L % self.mem.chunk:
             raise ValueError(f"memory mixer: a shard of {L} tokens is not a multiple of model.memory.chunk="
                              f"{self.mem.chunk}: pick data.seq_len so that seq_len / parallel.sp is")
-        st0 = self.mem.initial_state(B, x_BLD.dtype)
-        n = len(st0["mem"].weights)
-        C = self.mem.qkv_proj.out_features
-        flat0 = [*st0["mem"].weights, *st0["mem"].momentum, x_BLD.new_zeros(B, self.mem.kernel - 1, C)]
 
-        def run(flat):
-            state = {"mem": MemoryState(tuple(flat[:n]), tuple(flat[n:2 * n])), "conv": flat[2 * n]}
+        def body(state, extra):
             y, st = self.mem(x_BLD, state)
-            return y, [*st["mem"].weights, *st["mem"].momentum, st["conv"]]
+            return y, st, extra
 
-        return hand_off(run, flat0, ctx.sp, op="memory_state")
+        return _hand_off_memory(self, x_BLD, ctx, [], body)
 
 
 def _detach_tail(tail: dict) -> dict:

@@ -180,9 +180,11 @@ def _block_terms(m, name: str, prec: str, s: int, T: int, B: int, checkpointed: 
         A = c.get("A0", c["A"]) * d + (A - c["A"] * d)  # not checkpointed: A0, same analytic additions
     if name == "memory" and sp > 1 and _memory_ulysses(m):
         # titans_ulysses.py keeps the gathered projections and gate logits and the outputs before
-        # the output norm, (3·d + 3·H) + d values per token (the memory's inner width is d_model)
-        extra = (4 * d + 3 * (m.memory.heads or m.n_heads)) * s
-        A, S = A + extra, S + extra
+        # the output norm, (3·d + 3·H) + d values per token (the memory's inner width is d_model);
+        # while its all-to-alls run, also their send copy and receive buffer (the layer's own peak)
+        H = m.memory.heads or m.n_heads
+        keep = (4 * d + 3 * H) * s
+        A, S = A + keep + 2 * (3 * d + 3 * H) * s, S + keep
     # model.recompute_mlp=false: a checkpointed block also keeps its MLP input and normalised copy
     hold = s * d * (1 if getattr(m, "recompute_mlp", True) else 3)
     return A, (hold if checkpointed else S)
@@ -248,9 +250,6 @@ def communication(cfg, T: int, world: int) -> Dict[str, float]:
     if p.sp > 1 and "lightning" in names:
         hd = d // m.n_heads
         out["lightning states"] = 2 * p.sp * B * m.n_heads * hd * hd * 4
-    if p.sp > 1 and "memory" in names and _memory_ulysses(m):
-        H = m.memory.heads or m.n_heads
-        out["memory all-to-all"] = 2 * B * T * (3 * d + 3 * H) * s  # the qkv/gate send copy and receive buffer
     if p.sp > 1 and "swa" in names:
         kvd = (m.n_kv_heads or m.n_heads) * (d // m.n_heads)
         out["swa halo"] = 4 * B * (m.swa_window - 1) * kvd * s
@@ -419,11 +418,17 @@ def suggestions(cfg: DictConfig, world_size: int, seq_len: int, budget_rank: flo
     for sp in (2, 4, 8, 16, 32, 64, 128):
         if sp <= cfg.parallel.sp:
             continue
-        try:
-            extra = lean if not out else []
-            c = load_config(base=base, overrides=[f"parallel.sp={sp}", *extra])
-            p = plan(c, sp * (world_size // cfg.parallel.sp), seq_len)
-        except ConfigError:
+        extra = lean if not out else []
+        # Ulysses memory splits heads: beyond the head count, the memory hands off instead
+        for alt in ([], ["model.memory.sp_mode=handoff"]):
+            try:
+                c = load_config(base=base, overrides=[f"parallel.sp={sp}", *extra, *alt])
+                p = plan(c, sp * (world_size // cfg.parallel.sp), seq_len)
+                extra = extra + alt
+                break
+            except ConfigError:
+                p = None
+        if p is None:
             continue
         if p.need_bytes(device) <= budget_rank:
             out.append((" ".join([f"parallel.sp={sp}", *extra]) + f" ({sp * (world_size // cfg.parallel.sp)} ranks, "

@@ -106,9 +106,13 @@ def test_memory_components_and_layer_order():
     q = planner.plan(cfg, 4)
     assert q.tokens_per_rank == p.tokens_per_rank and q.memory["activations"] == p.memory["activations"]
     assert planner.plan(cfg, 2, 1 << 21).memory["activations"] / p.memory["activations"] == pytest.approx(2, rel=0.05)
+    # with the memory handed rank to rank (not Ulysses over heads, which holds gathered buffers)
+    h = planner.plan(load_config(os.path.join(ROOT, "configs", "million-cpu.yaml"), ["model.memory.sp_mode=handoff"]), 2)
     r = planner.plan(load_config(os.path.join(ROOT, "configs", "million-cpu.yaml"), ["parallel.sp=1"]), 1)
-    assert r.memory["activations"] / p.memory["activations"] == pytest.approx(2, rel=0.05)
+    assert r.memory["activations"] / h.memory["activations"] == pytest.approx(2, rel=0.05)
     assert r.memory["workspaces"] == pytest.approx(p.memory["workspaces"], rel=0.01)
+    assert p.memory["activations"] > h.memory["activations"]
+    assert p.flops_sequential_rank == 0 < h.flops_sequential_rank  # Ulysses: no hand-off chain
 
 
 def run_cli(*args, env=None):
