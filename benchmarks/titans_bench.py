@@ -8,6 +8,8 @@
    titans_pytorch.NeuralMemory(dim=256, chunk_size=64) defaults) and multi-head (4 heads of 64,
    expansion 2). The peer runs in the same process when `titans_pytorch` imports (lengths up to
    --peer-max: it is slow), else "peer unavailable". Ratio = ours / peer at the same length.
+   A third variant, 4 x 64 with model.memory.recompute=4096 (pieces checkpointed with the state
+   entering them), runs at every length; the two without recompute only up to --plain-max.
 2. Constant per-token cost: tokens/s at the shortest vs the longest length (--long adds 256K, 1M).
 3. Capacity: store N random (key, value) pairs, d = 64 (unit keys and values, one head, chunk 1,
    no momentum or forgetting, θ fixed), in one pass and in 3 passes over the same pairs; then
@@ -41,9 +43,9 @@ def time_fwd_bwd(fn, x, reps: int = 2) -> float:
     return best
 
 
-def ours(heads: int, expansion: int):
+def ours(heads: int, expansion: int, recompute: int = 0):
     torch.manual_seed(0)
-    m = NeuralMemory(256, heads=heads, depth=2, chunk=64, max_lr=0.01, expansion=expansion)
+    m = NeuralMemory(256, heads=heads, depth=2, chunk=64, max_lr=0.01, expansion=expansion, recompute=recompute)
     return lambda x: m(x)[0]
 
 
@@ -58,15 +60,20 @@ def peer():
     return lambda x: m(x)[0]
 
 
-def throughput(lengths, peer_max, reps):
+RECOMPUTE = 4096  # the recomputing variant: pieces of this many tokens (model.memory.recompute)
+
+
+def throughput(lengths, peer_max, reps, plain_max):
     rows = []
-    fns = {"ours 1x256 e4": ours(1, 4), "ours 4x64 e2": ours(4, 2)}
+    fns = {"ours 1x256 e4": ours(1, 4), "ours 4x64 e2": ours(4, 2),
+           f"ours 4x64 e2 recompute {RECOMPUTE}": ours(4, 2, RECOMPUTE)}
     p = peer()
     for L in lengths:
         x = torch.randn(1, L, 256)
         row = {"tokens": L}
         for name, fn in fns.items():
-            row[name] = L / time_fwd_bwd(fn, x, reps)
+            if L <= plain_max or "recompute" in name:  # without recompute autograd keeps every chunk
+                row[name] = L / time_fwd_bwd(fn, x, reps if L <= 65536 else 1)
         if p is not None and L <= peer_max:
             row["peer"] = L / time_fwd_bwd(p, x, 1)
             row["ratio"] = row["ours 1x256 e4"] / row["peer"]
@@ -110,6 +117,8 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--long", action="store_true", help="also 262144 and 1048576 tokens (ours only)")
     ap.add_argument("--peer-max", type=int, default=16384, help="longest length the peer runs at")
+    ap.add_argument("--plain-max", type=int, default=65536,
+                    help="longest length the variants without recompute run at (their memory grows with it)")
     ap.add_argument("--reps", type=int, default=2)
     # 1 by default: on a shared 2-core machine a second intra-op thread mostly waits (5-10x
     # slower and erratic under load); ours and the peer run under the same setting
@@ -121,11 +130,14 @@ def main():
     lengths = a.lengths + ([262144, 1048576] if a.long else [])
     print(f"throughput: forward+backward tokens/s, dim 256, chunk 64, depth 2, fp32, "
           f"{torch.get_num_threads()} threads")
-    tp = throughput(lengths, a.peer_max, a.reps)
-    lo, hi = tp[0], tp[-1]
-    per_token = {k: hi[k] / lo[k] for k in lo if k.startswith("ours")}
-    print(f"per-token cost: tokens/s at {hi['tokens']} / at {lo['tokens']}: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in per_token.items()) + " (1.0 = constant)")
+    tp = throughput(lengths, a.peer_max, a.reps, a.plain_max)
+    lo = tp[0]
+    per_token = {}
+    for k in (k for k in lo if k.startswith("ours")):
+        hi = [r for r in tp if k in r][-1]
+        per_token[k] = {"ratio": hi[k] / lo[k], "from": lo["tokens"], "to": hi["tokens"]}
+    print("per-token cost: tokens/s at the longest length / at the shortest (1.0 = constant): "
+          + ", ".join(f"{k} {v['ratio']:.2f} ({v['to']:,} vs {v['from']:,})" for k, v in per_token.items()))
     print("capacity: d=64, store N pairs (1 or 3 passes), then recall")
     cap = capacity()
     if a.out:
