@@ -31,11 +31,9 @@ def test_carry_state_resume_is_exact(tmp_path):
     ok(launch("torchrun", 2, [*CARRY, f"train.run_dir={run}", "--resume", "auto"], tmp_path))
     a, b = losses(full), losses(run)
     assert len(a) == 4 and a == b, (a, b)  # bit-identical floats
-    # the same checkpoint without carry_state, or on one rank, is refused with the reason
+    # the same checkpoint without carry_state is refused with the reason (the trainer runs the check)
     proc = launch("python", 1, [*CARRY, f"train.run_dir={run}", "train.carry_state=false", "train.steps=6",
                                 "--resume", "auto"], tmp_path)
     err = error_lines(proc)
     assert proc.returncode == 2 and len(err) == 1 and "saved with train.carry_state=true" in err[0], proc.stderr
-    proc = launch("python", 1, [*CARRY, f"train.run_dir={run}", "train.steps=6", "--resume", "auto"], tmp_path)
-    err = error_lines(proc)
-    assert proc.returncode == 2 and len(err) == 1 and "world size: checkpoint 2 vs now 1" in err[0], proc.stderr
+    # other ranks / micro-batch / grad_accum: refused too (tests/unit/test_carry.py)

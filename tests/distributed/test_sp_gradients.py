@@ -30,14 +30,20 @@ def reference(tmp_path_factory):
     return tmp, grads(tmp, "sp1", "python", 1, ["data.micro_batch_size=2", "deepspeed.zero_stage=0"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("world, extra", [
-    (2, ["parallel.sp=2"]),  # Ulysses, KV heads split
-    (2, ["parallel.sp=2", "parallel.sp_ring=2"]),  # zigzag ring, 60 tokens padded to 64
-    (4, ["parallel.sp=4", "parallel.sp_ulysses=2", "parallel.sp_ring=2"]),  # 2-D hybrid
-], ids=["ulysses2", "ring2", "hybrid2x2"])
-def test_sp_gradients_equal_sp1_per_zero_stage(reference, world, extra, stage):
+_STRATEGIES = {
+    "ulysses2": (2, ["parallel.sp=2"]),  # Ulysses, KV heads split
+    "ring2": (2, ["parallel.sp=2", "parallel.sp_ring=2"]),  # zigzag ring, 60 tokens padded to 64
+    "hybrid2x2": (4, ["parallel.sp=4", "parallel.sp_ulysses=2", "parallel.sp_ring=2"]),  # 2-D hybrid
+}
+# every ZeRO stage for Ulysses and ring; the 4-rank hybrid (20 s a run) at the two ends, 0 and 3
+# (stages 1-2 partition the same reduced gradients the ring and Ulysses cases check)
+_CASES = [(n, z) for n in ("ulysses2", "ring2") for z in (0, 1, 2, 3)] + [("hybrid2x2", 0), ("hybrid2x2", 3)]
+
+
+@pytest.mark.parametrize("strategy, stage", _CASES, ids=[f"{n}-{z}" for n, z in _CASES])
+def test_sp_gradients_equal_sp1_per_zero_stage(reference, strategy, stage):
     tmp, ref = reference
+    world, extra = _STRATEGIES[strategy]
     name = "_".join(e.split("=")[1] for e in extra) + f"_z{stage}"
     got = grads(tmp, f"w{world}_{name}", "torchrun", world, [*extra, f"deepspeed.zero_stage={stage}"])
     assert set(got) == set(ref)
@@ -50,18 +56,15 @@ def test_sp_gradients_equal_sp1_per_zero_stage(reference, world, extra, stage):
 MIXER_CASES = {
     # landmark layers: grouped softmax, landmarks inserted by the data pipeline
     "landmark": ["model.mixers=[landmark,softmax]", "model.landmark_block=7"],
-    # Titans memory layers: the memory state handed rank to rank
-    "memory": ["model.mixers=[memory,softmax]", "model.memory.chunk=8", "data.seq_len=64",
-               "data.mask_documents=false"],
-    "mag": ["model.mixers=[mag]", "model.memory.chunk=8", "model.memory.window=6", "data.seq_len=64",
-            "data.mask_documents=false"],
-    # mac: shards of two segments; its memory state and both conv tails handed rank to rank
-    "mac": ["model.mixers=[mac]", "model.memory.chunk=8", "model.memory.segment=16", "data.seq_len=64",
-            "data.mask_documents=false"],
+    # the Titans mixers, one layer each: memory, mag (sliding window tail) and mac (shards of two
+    # segments, both conv tails) hand their state rank to rank
+    "titans": ["model.mixers=[memory,mag,mac]", "model.n_layers=3", "model.memory.chunk=8",
+               "model.memory.window=6", "model.memory.segment=16", "data.seq_len=64", "data.mask_documents=false"],
     # the million-token model's layers with every memory-lean setting: lightning state passing,
-    # swa halo exchange, memory hand-off with its pieces recomputed, blocks checkpointed
+    # swa halo exchange, memory by Ulysses over heads with its pieces recomputed, blocks checkpointed
     "hybrid_lean": ["model.mixers=[lightning,swa,memory]", "model.n_layers=3", "model.swa_window=5",
-                    "model.memory.chunk=8", "model.memory.recompute=16", "model.activation_checkpointing=true",
+                    "model.memory.chunk=8", "model.memory.recompute=16", "model.memory.sp_mode=ulysses",
+                    "model.activation_checkpointing=true",
                     "model.loss_chunk=24", "model.mlp_tile=40", "data.seq_len=64", "data.mask_documents=false"],
 }
 

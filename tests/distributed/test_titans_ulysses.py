@@ -63,11 +63,11 @@ def reference(depth, T, chunk):
     return m, x, y
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("world, t_rank, recompute, chunk", [
-    (2, 8, 0, 4),     # shards on chunk boundaries
-    (3, 6, 8, 4),     # shard of 6 with chunk 4: chunks straddle ranks; pieces of 8 over 18 tokens
-    (4, 5, 4, 2),     # pieces of 4 over 20 gathered tokens, odd shards
+@pytest.mark.parametrize("world, t_rank, recompute, chunk, depth", [
+    (2, 8, 0, 4, 1),  # shards on chunk boundaries, matrix memory
+    (2, 8, 0, 4, 2),
+    (3, 6, 8, 4, 2),  # shard of 6 with chunk 4: chunks straddle ranks; pieces of 8 over 18 tokens
+    (4, 5, 4, 2, 2),  # pieces of 4 over 20 gathered tokens, odd shards
 ])
 def test_memory_ulysses_exact(world, t_rank, recompute, chunk, depth):
     m, x, y = reference(depth, world * t_rank, chunk)
