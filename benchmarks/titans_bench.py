@@ -112,8 +112,26 @@ def capacity(n_values=(16, 32, 64, 128), d: int = 64, seed: int = 0, passes=(1, 
     return rows
 
 
+def report(path: str) -> None:
+    """Markdown tables of a results JSON (throughput, per-token ratio, capacity)."""
+    with open(path) as f:
+        res = json.load(f)
+    tp = res["throughput"]
+    cols = [k for k in tp[0] if k.startswith("ours")] + (["peer", "ratio"] if any("peer" in r for r in tp) else [])
+    print("| tokens | " + " | ".join(c.replace("ours ", "ours, ").replace("peer", "titans-pytorch").replace(
+        "ratio", "ours / peer (same shape)") for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in tp:
+        cells = [("—" if c not in r else f"{r[c]:.1f}x" if c == "ratio" else f"{r[c]:,.0f}") for c in cols]
+        print(f"| {r['tokens']:,} | " + " | ".join(cells) + " |")
+    print()
+    for k, v in res["per_token_ratio"].items():
+        print(f"- {k}: tokens/s at {v['to']:,} / at {v['from']:,} = {v['ratio']:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", metavar="JSON", help="print the markdown tables of a results JSON and exit")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--long", action="store_true", help="also 262144 and 1048576 tokens (ours only)")
     ap.add_argument("--peer-max", type=int, default=16384, help="longest length the peer runs at")
@@ -125,6 +143,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.report:
+        report(a.report)
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     lengths = a.lengths + ([262144, 1048576] if a.long else [])
