@@ -23,6 +23,9 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 
 def _time(fn, reps: int) -> float:
+    """Best of `reps` wall times after one untimed warm-up (first calls pay allocation and
+    page-fault costs that would otherwise make the forward look slower than forward+backward)."""
+    fn()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -46,6 +49,7 @@ def main() -> None:
     from longctx.kernels.linear_ce import linear_cross_entropy
     from longctx.model.mixers import MIXERS, layer_mixers
     from longctx.model.transformer import Block, SeqContext, softmax_fwd_flops
+    from longctx.train.planner import _ffn
     cfg = load_config(a.config, [f"data.seq_len={a.seq_len}", "parallel.sp=1",
                                  f"model.max_seq_len={max(a.seq_len, 1)}", *a.overrides])
     m = cfg.model
@@ -76,7 +80,7 @@ def main() -> None:
         tfb = _time(fb, a.reps)
         f = getattr(MIXERS[name], "mixer_fwd_flops", None) or softmax_fwd_flops
         params, mix = f(m, T)
-        flops = (2 * params + mix + 6 * D * (m.ffn_hidden or 0)) * T * (4 if ck else 3)
+        flops = (2 * params + mix + 6 * D * _ffn(m)) * T * (4 if ck else 3)
         rows.append((f"{i} {name}{' (ckpt)' if ck else ''}", tf, tfb - tf, flops / tfb))
         del blk
     # head + fused loss

@@ -63,12 +63,10 @@ def memory_fwd_flops(cfg, heads: Optional[int] = None):
     return 5 * cfg.d_model * H * d + 3 * H * cfg.d_model, H * mix
 
 
-def _no_docs(ctx, name: str, sp_ok: bool = False) -> None:
+def _no_docs(ctx, name: str) -> None:
     if ctx.doc_ids is not None:
         raise ValueError(f"{name}: the Titans mixers do not mask documents yet (the memory would need a reset at "
                          f"each boundary); set data.mask_documents=false or use softmax/lightning layers")
-    if ctx.sp is not None and ctx.sp.size > 1 and not sp_ok:
-        raise ValueError(f"{name}: the Titans mixers do not run sequence-parallel yet; use parallel.sp=1")
 
 
 class _Attention(nn.Module):
@@ -142,7 +140,7 @@ class TitansMemory(nn.Module):
         self.sp_mode = getattr(cfg.memory, "sp_mode", "handoff")  # handoff | ulysses (titans_ulysses.py)
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "memory", sp_ok=True)
+        _no_docs(ctx, "memory")
         if ctx.sp is not None and ctx.sp.size > 1:
             return self._forward_sp(x_BLD, ctx)
         key = f"memory.{self.layer_idx}"
@@ -249,7 +247,7 @@ class TitansMAG(nn.Module):
         return self.o_proj(self.attn_norm(a) * torch.sigmoid(self.mem_norm(m))), mst, tail
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mag", sp_ok=True)
+        _no_docs(ctx, "mag")
         if ctx.sp is not None and ctx.sp.size > 1:
             return _sp_with_tail(self, x_BLD, ctx, self._body)
         key = f"mag.{self.layer_idx}"
@@ -287,7 +285,7 @@ class TitansMAL(nn.Module):
         return self.o_proj(a), mst, tail
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mal", sp_ok=True)
+        _no_docs(ctx, "mal")
         if ctx.sp is not None and ctx.sp.size > 1:
             return _sp_with_tail(self, x_BLD, ctx, self._body)
         key = f"mal.{self.layer_idx}"
@@ -359,7 +357,7 @@ class TitansMAC(nn.Module):
         return torch.cat(outs, 1), mem_y, x_conv
 
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
-        _no_docs(ctx, "mac", sp_ok=True)
+        _no_docs(ctx, "mac")
         if ctx.sp is not None and ctx.sp.size > 1:
             return self._forward_sp(x_BLD, ctx)
         key = f"mac.{self.layer_idx}"

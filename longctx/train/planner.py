@@ -34,8 +34,6 @@ count), the SwiGLU (6·d·ffn), and the head (2·d·V).
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
