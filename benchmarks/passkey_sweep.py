@@ -1,0 +1,229 @@
+"""Which training recipe makes a small model learn passkey retrieval within a CPU budget?
+
+A research sweep behind benchmarks/passkey_landmark.py: trains variants of the passkey models
+in-process (same model, sampler, AdamW, warmup + cosine and clipping as `longctx train`, no
+DeepSpeed), several at once in worker processes, and records after every `--eval-every` steps
+the exact-answer rate on held-out prompts (teacher forcing: every answer token and the eos
+after it must be the argmax) at the stage's length, at 512 and at 2K (full attention, for
+landmark models the full grouped softmax), and at the end the landmark models' greedy answers
+through the retrieval cache (top-k blocks) at 2K and 8K. Steps are the currency: a recipe that
+learns in N steps here learns in N steps on the CPU.
+
+    python benchmarks/passkey_sweep.py --variants all --workers 8 --out runs/passkey_sweep.json
+    python benchmarks/passkey_sweep.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
+
+
+def stage(L: int, batch: int, steps: int, lr: float, targets: str = "all", warmup: int = 20) -> dict:
+    """One training stage: L regular tokens per window, `batch` windows per step."""
+    return {"L": L, "batch": batch, "steps": steps, "lr": lr, "targets": targets, "warmup": warmup}
+
+
+CUR = [stage(128, 32, 800, 3e-3), stage(512, 8, 300, 2e-3)]  # the benchmark's recipe today
+
+
+def _v(model: Dict, stages: List[dict], plain: bool = False, seed: int = 0) -> dict:
+    return {"model": model, "stages": stages, "plain": plain, "seed": seed}
+
+
+VARIANTS: Dict[str, dict] = {
+    "cur": _v({}, CUR),
+    "cur-s1": _v({}, CUR, seed=1),
+    "plain-cur": _v({}, CUR, plain=True),
+    "lr1e-3": _v({}, [stage(128, 32, 800, 1e-3), stage(512, 8, 300, 1e-3)]),
+    "lr6e-3": _v({}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
+    "lr1e-2": _v({}, [stage(128, 32, 800, 1e-2), stage(512, 8, 300, 3e-3)]),
+    "L2": _v({"n_layers": 2}, CUR),
+    "L4": _v({"n_layers": 4}, CUR),
+    "h8": _v({"n_heads": 8, "n_kv_heads": 8}, CUR),
+    "d256": _v({"d_model": 256, "n_heads": 8, "n_kv_heads": 8}, CUR),
+    "answer": _v({}, [stage(128, 32, 800, 3e-3, "answer"), stage(512, 8, 300, 2e-3, "answer")]),
+    "direct512": _v({}, [stage(512, 8, 1100, 3e-3)]),
+    "direct512-b16": _v({}, [stage(512, 16, 1100, 3e-3)]),
+    "s256": _v({}, [stage(256, 16, 800, 3e-3), stage(512, 8, 300, 2e-3)]),
+    "b64": _v({}, [stage(128, 64, 800, 3e-3), stage(512, 8, 300, 2e-3)]),
+    "blk16": _v({"landmark_block": 16}, CUR),
+    "blk64": _v({"landmark_block": 64}, [stage(128, 32, 800, 3e-3), stage(512, 8, 300, 2e-3)]),
+    "long1600": _v({}, [stage(128, 32, 1600, 3e-3), stage(512, 8, 600, 2e-3)]),
+    "plain-lr6e-3": _v({}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)], plain=True),
+    "plain-L2": _v({"n_layers": 2}, CUR, plain=True),
+    "plain-direct512": _v({}, [stage(512, 8, 1100, 3e-3)], plain=True),
+    "L2-lr6e-3": _v({"n_layers": 2}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
+    "h8-lr6e-3": _v({"n_heads": 8, "n_kv_heads": 8}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
+    "wd0": _v({}, CUR),  # weight decay 0 (set in run())
+}
+
+
+def _cfg(variant: dict, tok_path: str):
+    from longctx.config import load_config
+    ov = [f"data.tokenizer={tok_path}", "model.vocab_size=64"]
+    ov += [f"model.{k}={v}" for k, v in variant["model"].items()]
+    if variant["plain"]:
+        ov += ["model.mixers=[softmax]"]
+    return load_config(CONFIG, ov)
+
+
+def _sampler(cfg, tok, L: int, batch: int, seed: int, targets: str):
+    from longctx.train.data import PasskeySampler
+    block = 0 if "landmark" not in list(cfg.model.mixers) else int(cfg.model.landmark_block)
+    seq_len = L + (L // block if block else 0)
+    return PasskeySampler(tok, seq_len, batch, seed, landmark_block=block, landmark_id=tok.landmark_id if block else -1,
+                          targets=targets)
+
+
+@torch.no_grad()
+def exact_rate(model, cfg, tok, L: int, n: int, device, batch: int = 32) -> float:
+    """Share of n held-out prompts of L regular tokens whose answer + eos are all argmax."""
+    from longctx.model.transformer import SeqContext
+    s = _sampler(cfg, tok, L, min(batch, n), seed=987654, targets="answer")
+    model.eval()
+    ok, done = 0, 0
+    for step in range(math.ceil(n / s.micro_batch_size)):
+        b = s.batch(step)
+        ids, lab = b["input_ids"].to(device), b["labels"].to(device)
+        h = model.hidden(ids, SeqContext(positions=b["positions"].to(device)))
+        pred = torch.nn.functional.linear(h, model.head_weight).argmax(-1)
+        good = ((pred == lab) | (lab == -100)).all(-1)
+        ok += int(good.sum())
+        done += ids.shape[0]
+    model.train()
+    return ok / done
+
+
+def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n_eval: int) -> dict:
+    from longctx.train.data import load_tokenizer
+    from longctx.model.transformer import DecoderLM, SeqContext
+    torch.manual_seed(variant["seed"])
+    cfg = _cfg(variant, tok_path)
+    tok = load_tokenizer(tok_path)
+    dev = torch.device(device)
+    model = DecoderLM(cfg.model).to(dev)
+    curve, t0, gstep = [], time.perf_counter(), 0
+    for si, st in enumerate(variant["stages"]):
+        sampler = _sampler(cfg, tok, st["L"], st["batch"], seed=1234 + 17 * si + variant["seed"], targets=st["targets"])
+        wd = 0.0 if name.startswith("wd0") else cfg.train.weight_decay
+        opt = torch.optim.AdamW(model.parameters(), lr=st["lr"], betas=(0.9, 0.95), weight_decay=wd)
+        for step in range(st["steps"]):
+            w = st["warmup"]
+            frac = (step + 1) / w if step < w else None
+            if frac is None:
+                p = (step - w) / max(1, st["steps"] - w)
+                frac = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+            for g in opt.param_groups:
+                g["lr"] = st["lr"] * frac
+            b = sampler.batch(step)
+            loss_sum, n = model(b["input_ids"].to(dev), SeqContext(positions=b["positions"].to(dev)),
+                                b["labels"].to(dev))
+            loss = loss_sum / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            gstep += 1
+            if (step + 1) % eval_every == 0 or step + 1 == st["steps"]:
+                row = {"step": gstep, "stage": si, "loss": round(float(loss.detach()), 4), "s": round(time.perf_counter() - t0, 1)}
+                for L in sorted({st["L"], 512, 2048}):
+                    row[f"exact{L}"] = exact_rate(model, cfg, tok, L, n_eval, dev)
+                curve.append(row)
+                print(f"{name}: {row}", flush=True)
+    out = {"name": name, "variant": variant, "curve": curve}
+    if not variant["plain"]:
+        from passkey_landmark import eval_landmark, trials
+        class _LM:  # the attributes eval_landmark reads
+            pass
+        lm = _LM()
+        lm.cfg, lm.model = cfg, model.eval()
+        try:
+            for L, n in ((2048, 64), (8192, 32)):
+                ok = eval_landmark(lm, tok, trials(tok, L, n, 0), 4, 32, lambda k: None)
+                out[f"retrieval{L}"] = sum(ok) / n
+            print(f"{name}: retrieval 2K {out['retrieval2048']:.2f}, 8K {out['retrieval8192']:.2f}", flush=True)
+        except Exception as exc:  # keep the training curve
+            out["retrieval_error"] = f"{type(exc).__name__}: {exc}"
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _worker(args):
+    name, variant, tok_path, device, eval_every, n_eval = args
+    torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "2")))
+    try:
+        return run(name, variant, tok_path, device, eval_every, n_eval)
+    except Exception as exc:  # a variant's failure is recorded, the sweep goes on
+        import traceback
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="all", help="comma-separated names, or all")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--scale-steps", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
+    ap.add_argument("--out", default="runs/passkey_sweep.json")
+    args = ap.parse_args(argv)
+    if args.list:
+        for k, v in VARIANTS.items():
+            print(k, json.dumps(v))
+        return 0
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}: pick from {list(VARIANTS)}")
+    from passkey_landmark import write_word_tokenizer
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+    tok_path = write_word_tokenizer(os.path.splitext(os.path.abspath(args.out))[0] + ".tokenizer.json")
+    jobs = []
+    for n in names:
+        v = json.loads(json.dumps(VARIANTS[n]))
+        for st in v["stages"]:
+            st["steps"] = max(1, int(st["steps"] * args.scale_steps))
+        jobs.append((n, v, tok_path, args.device, args.eval_every, args.n_eval))
+    results = []
+    if args.workers <= 1:
+        results = [_worker(j) for j in jobs]
+    else:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            for r in pool.imap_unordered(_worker, jobs):
+                results.append(r)
+                with open(args.out, "w") as f:  # partial results survive a timeout
+                    json.dump(results, f, indent=1)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']}: ERROR {r['error']}")
+            continue
+        last = r["curve"][-1]
+        first_ok = next((c["step"] for c in r["curve"] if c.get("exact512", 0) >= 0.9), None)
+        print(f"{r['name']:>16}: exact512 {last['exact512']:.2f} exact2048 {last['exact2048']:.2f} "
+              f"retr2K {r.get('retrieval2048', float('nan')):.2f} retr8K {r.get('retrieval8192', float('nan')):.2f} "
+              f"first>=0.9@512 step {first_ok} ({r['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
