@@ -31,18 +31,43 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
+RETRIEVAL = [(2048, 64), (8192, 32)]  # (length, trials) of the final retrieval check
 
 
-def stage(L: int, batch: int, steps: int, lr: float, targets: str = "all", warmup: int = 20) -> dict:
-    """One training stage: L regular tokens per window, `batch` windows per step."""
-    return {"L": L, "batch": batch, "steps": steps, "lr": lr, "targets": targets, "warmup": warmup}
+def stage(L: int, batch: int, steps: int, lr: float, targets: str = "all", warmup: int = 20, mix512: int = 0,
+          jitter: int = 0, **model) -> dict:
+    """One training stage: L regular tokens per window, `batch` windows per step; mix512 > 0:
+    every second step is instead mix512 windows of 512 tokens; `model`: model overrides for
+    this stage only (e.g. landmark_block), weights carried over. jitter > 0: position skips
+    (PoSE-like): at every group boundary positions jump by 0..jitter whole groups, drawn per
+    row, so distances between blocks vary as retrieval's compressed positions change them."""
+    return {"L": L, "batch": batch, "steps": steps, "lr": lr, "targets": targets, "warmup": warmup,
+            "mix512": mix512, "jitter": jitter, "model": model}
+
+
+def jitter_positions(pos_BT: torch.Tensor, W: int, jitter: int, gen: torch.Generator) -> torch.Tensor:
+    """Positions with a skip of 0..jitter groups (of W) at every group boundary, per row."""
+    B, T = pos_BT.shape
+    n_groups = (T + W - 1) // W
+    skips = torch.randint(0, jitter + 1, (B, n_groups), generator=gen)
+    skips[:, 0] = 0
+    offs = (skips.cumsum(1) * W).repeat_interleave(W, 1)[:, :T]
+    return pos_BT + offs
 
 
 CUR = [stage(128, 32, 800, 3e-3), stage(512, 8, 300, 2e-3)]  # the benchmark's recipe today
 
 
-def _v(model: Dict, stages: List[dict], plain: bool = False, seed: int = 0) -> dict:
-    return {"model": model, "stages": stages, "plain": plain, "seed": seed}
+def _v(model: Dict, stages: List[dict], plain: bool = False, seed: int = 0, key_digits: int = 0,
+       init: str = "", save: str = "") -> dict:
+    """key_digits > 0: training keys are random strings of 1..key_digits digits (held-out
+    prompts keep the task's keys, 1..50000). init / save: a state dict to start from / to write
+    after the last stage (paths relative to the repository root)."""
+    return {"model": model, "stages": stages, "plain": plain, "seed": seed, "key_digits": key_digits,
+            "init": init, "save": save}
+
+
+K2 = [stage(128, 32, 600, 3e-3), stage(512, 8, 300, 2e-3)]
 
 
 VARIANTS: Dict[str, dict] = {
@@ -70,13 +95,41 @@ VARIANTS: Dict[str, dict] = {
     "L2-lr6e-3": _v({"n_layers": 2}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
     "h8-lr6e-3": _v({"n_heads": 8, "n_kv_heads": 8}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
     "wd0": _v({}, CUR),  # weight decay 0 (set in run())
+    # round 2: long keys (more copy targets per sample)
+    "k16": _v({}, K2, key_digits=16),
+    "plain-k16": _v({}, K2, plain=True, key_digits=16),
+    "k32": _v({}, K2, key_digits=32),
+    "k16-lr1e-3": _v({}, [stage(128, 32, 600, 1e-3), stage(512, 8, 300, 1e-3)], key_digits=16),
+    "k16-d512": _v({}, [stage(512, 8, 900, 3e-3)], key_digits=16),
+    "plain-k16-d512": _v({}, [stage(512, 8, 900, 3e-3)], plain=True, key_digits=16),
+    "L2-k16": _v({"n_layers": 2}, K2, key_digits=16),
+    "k16-blk16": _v({"landmark_block": 16}, K2, key_digits=16),
+    # round 3: learn copying with one block per prompt (plain softmax inside it), then blocks of 32
+    "oneblock-then-32": _v({}, [stage(128, 32, 600, 3e-3, landmark_block=128), stage(512, 8, 600, 2e-3)]),
+    # round 4 (this CPU): one short stage saved, then long-stage variants from its weights
+    "short-lr1e-3": _v({}, [stage(128, 32, 800, 1e-3)], save="runs/passkey_sweep/short-lr1e-3.pt"),
+    "long-lr2e-3": _v({}, [stage(512, 8, 300, 2e-3)], init="runs/passkey_sweep/short-lr1e-3.pt"),
+    "long-lr5e-4": _v({}, [stage(512, 8, 300, 5e-4, warmup=50)], init="runs/passkey_sweep/short-lr1e-3.pt"),
+    "long-lr2e-3-save": _v({}, [stage(512, 8, 300, 2e-3)], init="runs/passkey_sweep/short-lr1e-3.pt",
+                           save="runs/passkey_sweep/long-lr2e-3.pt"),
+    "long-jitter3": _v({}, [stage(512, 8, 300, 2e-3, jitter=3)], init="runs/passkey_sweep/short-lr1e-3.pt",
+                       save="runs/passkey_sweep/long-jitter3.pt"),
+    "long-mixed": _v({}, [stage(128, 32, 300, 5e-4, warmup=50, mix512=8)], init="runs/passkey_sweep/short-lr1e-3.pt"),
 }
 
 
-def _cfg(variant: dict, tok_path: str):
+def _long_keys(max_digits: int):
+    """A stand-in for longctx.eval.passkey._draw_passkey: a string of 1..max_digits random digits."""
+    def draw(rng):
+        n = int(rng.integers(1, max_digits + 1))
+        return "".join(str(d) for d in rng.integers(0, 10, n))
+    return draw
+
+
+def _cfg(variant: dict, tok_path: str, stage_model: Dict = None):
     from longctx.config import load_config
     ov = [f"data.tokenizer={tok_path}", "model.vocab_size=64"]
-    ov += [f"model.{k}={v}" for k, v in variant["model"].items()]
+    ov += [f"model.{k}={v}" for k, v in {**variant["model"], **(stage_model or {})}.items()]
     if variant["plain"]:
         ov += ["model.mixers=[softmax]"]
     return load_config(CONFIG, ov)
@@ -117,9 +170,19 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
     tok = load_tokenizer(tok_path)
     dev = torch.device(device)
     model = DecoderLM(cfg.model).to(dev)
+    if variant.get("init"):
+        model.load_state_dict(torch.load(os.path.join(ROOT, variant["init"]), map_location=dev))
     curve, t0, gstep = [], time.perf_counter(), 0
+    gen = torch.Generator().manual_seed(variant["seed"])
     for si, st in enumerate(variant["stages"]):
+        scfg = _cfg(variant, tok_path, st.get("model"))
+        if scfg.model != cfg.model:  # this stage's model settings: same weights, new layout
+            cfg, sd = scfg, model.state_dict()
+            model = DecoderLM(cfg.model).to(dev)
+            model.load_state_dict(sd)
         sampler = _sampler(cfg, tok, st["L"], st["batch"], seed=1234 + 17 * si + variant["seed"], targets=st["targets"])
+        if st.get("mix512"):
+            s512 = _sampler(cfg, tok, 512, st["mix512"], seed=4321 + 17 * si + variant["seed"], targets=st["targets"])
         wd = 0.0 if name.startswith("wd0") else cfg.train.weight_decay
         opt = torch.optim.AdamW(model.parameters(), lr=st["lr"], betas=(0.9, 0.95), weight_decay=wd)
         for step in range(st["steps"]):
@@ -130,7 +193,20 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
                 frac = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
             for g in opt.param_groups:
                 g["lr"] = st["lr"] * frac
-            b = sampler.batch(step)
+            if variant.get("key_digits"):
+                import longctx.eval.passkey as pk
+                orig, pk._draw_passkey = pk._draw_passkey, _long_keys(variant["key_digits"])
+                try:
+                    b = sampler.batch(step)
+                finally:
+                    pk._draw_passkey = orig
+            elif st.get("mix512") and step % 2:
+                b = s512.batch(step // 2)
+            else:
+                b = sampler.batch(step)
+            if st.get("jitter"):
+                W = int(cfg.model.landmark_block) + 1 if "landmark" in list(cfg.model.mixers) else 33
+                b["positions"] = jitter_positions(b["positions"], W, st["jitter"], gen)
             loss_sum, n = model(b["input_ids"].to(dev), SeqContext(positions=b["positions"].to(dev)),
                                 b["labels"].to(dev))
             loss = loss_sum / n
@@ -141,11 +217,15 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
             gstep += 1
             if (step + 1) % eval_every == 0 or step + 1 == st["steps"]:
                 row = {"step": gstep, "stage": si, "loss": round(float(loss.detach()), 4), "s": round(time.perf_counter() - t0, 1)}
-                for L in sorted({st["L"], 512, 2048}):
+                for L in sorted({128, st["L"], 512, 2048}):
                     row[f"exact{L}"] = exact_rate(model, cfg, tok, L, n_eval, dev)
                 curve.append(row)
                 print(f"{name}: {row}", flush=True)
     out = {"name": name, "variant": variant, "curve": curve}
+    if variant.get("save"):
+        path = os.path.join(ROOT, variant["save"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(model.state_dict(), path)
     if not variant["plain"]:
         from passkey_landmark import eval_landmark, trials
         class _LM:  # the attributes eval_landmark reads
@@ -153,10 +233,10 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
         lm = _LM()
         lm.cfg, lm.model = cfg, model.eval()
         try:
-            for L, n in ((2048, 64), (8192, 32)):
+            for L, n in RETRIEVAL:
                 ok = eval_landmark(lm, tok, trials(tok, L, n, 0), 4, 32, lambda k: None)
                 out[f"retrieval{L}"] = sum(ok) / n
-            print(f"{name}: retrieval 2K {out['retrieval2048']:.2f}, 8K {out['retrieval8192']:.2f}", flush=True)
+            print(f"{name}: retrieval " + ", ".join(f"{L}: {out[f'retrieval{L}']:.2f}" for L, _ in RETRIEVAL), flush=True)
         except Exception as exc:  # keep the training curve
             out["retrieval_error"] = f"{type(exc).__name__}: {exc}"
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -164,7 +244,8 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
 
 
 def _worker(args):
-    name, variant, tok_path, device, eval_every, n_eval = args
+    name, variant, tok_path, device, eval_every, n_eval, retrieval = args
+    RETRIEVAL[:] = retrieval
     torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "2")))
     try:
         return run(name, variant, tok_path, device, eval_every, n_eval)
@@ -182,6 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--scale-steps", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
+    ap.add_argument("--retrieval", default="2048:64,8192:32", help="LENGTH:TRIALS,... of the final retrieval check")
     ap.add_argument("--out", default="runs/passkey_sweep.json")
     args = ap.parse_args(argv)
     if args.list:
@@ -193,6 +275,7 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown variants {bad}: pick from {list(VARIANTS)}")
     from passkey_landmark import write_word_tokenizer
+    retrieval = [tuple(int(x) for x in item.split(":")) for item in args.retrieval.split(",") if item]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     tok_path = write_word_tokenizer(os.path.splitext(os.path.abspath(args.out))[0] + ".tokenizer.json")
     jobs = []
@@ -200,7 +283,7 @@ def main(argv=None) -> int:
         v = json.loads(json.dumps(VARIANTS[n]))
         for st in v["stages"]:
             st["steps"] = max(1, int(st["steps"] * args.scale_steps))
-        jobs.append((n, v, tok_path, args.device, args.eval_every, args.n_eval))
+        jobs.append((n, v, tok_path, args.device, args.eval_every, args.n_eval, retrieval))
     results = []
     if args.workers <= 1:
         results = [_worker(j) for j in jobs]
