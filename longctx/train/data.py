@@ -747,7 +747,8 @@ class StreamSampler(_StepSampler):
     step s + 1 follow its tokens at step s, so the state a model carries over from step s is the
     state of the same stream. Positions count from the region start (k·seq_len + arange), so
     carried sliding-window keys sit before the segment's queries. Every K steps the regions start
-    over (an epoch; `starts_stream` says when, and the trainer drops the carried state then).
+    over (an epoch; `starts_stream` says when, and the trainer drops the carried state then),
+    with the rows assigned to the regions in a new order (`regions`).
     Documents inside a region are not marked for the state: the model reads eos as any token.
     One SP rank only (carried state does not run sequence-parallel), no landmarks.
     """
@@ -778,8 +779,18 @@ class StreamSampler(_StepSampler):
             raise ValueError(f"StreamSampler.batch(grad_accum={grad_accum}) but the streams were cut for "
                              f"grad_accum={self.grad_accum}")
         k = step % self.segments
-        return [(g % self.rows) * self.region_len + k * self.seq_len
+        region = self.regions(step // self.segments)
+        return [int(region[g % self.rows]) * self.region_len + k * self.seq_len
                 for g in self.global_indices(step, micro, grad_accum)]
+
+    def regions(self, epoch: int) -> np.ndarray:
+        """Which region each global row streams in epoch `epoch` (rows,): the identity in epoch
+        0, then a permutation drawn from (seed, epoch), so that rows (and the rows sharing a
+        micro-batch) meet other streams each epoch; the carried state is dropped at every epoch
+        start, so the change of stream is never carried across."""
+        if epoch == 0:
+            return np.arange(self.rows)
+        return np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(self.rows)
 
     def batch(self, step: int, micro: int = 0, grad_accum: int = 1) -> dict:
         """Tensors (micro_batch_size, seq_len) int64: input_ids, labels (next token), positions

@@ -44,7 +44,16 @@ def test_stream_rows_continue_step_to_step(token_file):
     assert len(starts) == 8
     K = s0.segments
     assert s0.starts_stream(0) and not s0.starts_stream(1) and s0.starts_stream(K)
-    assert torch.equal(s0.batch(K, 1, ga)["input_ids"], s0.batch(0, 1, ga)["input_ids"])
+    # epoch 1: every region again from its start, rows assigned in another (seeded) order
+    perm = s0.regions(1)
+    assert sorted(perm.tolist()) == list(range(8)) and perm.tolist() != list(range(8))
+    assert np.array_equal(perm, StreamSampler(token_file, T, mb, 0, dp_size=dp, grad_accum=ga).regions(1))
+    for r, s in enumerate(samplers):
+        for m in range(ga):
+            b = s.batch(K, m, ga)
+            for i in range(mb):
+                a = int(perm[(m * dp + r) * mb + i]) * s.region_len
+                np.testing.assert_array_equal(b["input_ids"][i].numpy(), tokens[a:a + T])
     with pytest.raises(ValueError, match="at least 16001 tokens"):
         StreamSampler(token_file, 2000, mb, 0, dp_size=dp, grad_accum=ga)
 
