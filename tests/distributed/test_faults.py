@@ -206,7 +206,7 @@ def test_hung_rank_times_out(workdir):
     """A stopped (hung) rank: the other one fails after parallel.timeout_s, in the
     sequence-parallel all-to-all of the forward (a group torch would give 30 minutes)."""
     run = str(workdir / "hung")
-    timeout_s = 15
+    timeout_s = 10
     job = Ranks("env", 2, [*ARGS, "parallel.sp=2", f"parallel.timeout_s={timeout_s}", "checkpoint.every=2",
                            f"train.run_dir={run}"], workdir, {"LONGCTX_INJECT_STEP_SLEEP": "0.5"})
     try:

@@ -54,8 +54,10 @@ def full_run(workdir, zero):
     return _FULL[zero]
 
 
-@pytest.mark.parametrize("zero, world, sp", [(2, 2, 2), (2, 4, 4), (1, 2, 2), (3, 2, 2)],
-                         ids=["z2-w2sp2", "z2-w4sp4", "z1-w2sp2", "z3-w2sp2"])
+# ZeRO 1 partitions the optimizer state as ZeRO 2 does (the z2 cases cover it); ZeRO 3 adds the
+# parameters
+@pytest.mark.parametrize("zero, world, sp", [(2, 2, 2), (2, 4, 4), (3, 2, 2)],
+                         ids=["z2-w2sp2", "z2-w4sp4", "z3-w2sp2"])
 def test_resume_at_other_layout(workdir, zero, world, sp):
     full = full_run(workdir, zero)
     saved = os.path.join(full, "checkpoints", ckpt.tag_for(K))

@@ -31,14 +31,13 @@ def full_z2(workdir):
     return run
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_resume_bit_identical_torchrun(workdir, full_z2, zero):
-    if zero == 2:
-        full = full_z2
-    else:
-        full = str(workdir / f"full_z{zero}")
-        ok(launch("torchrun", 2, [TINY, *SMALL, f"deepspeed.zero_stage={zero}", "train.steps=6",
-                                  f"train.run_dir={full}"], workdir))
+# ZeRO 3 (parameters partitioned too); a ZeRO-2 run stopped and resumed bit for bit is
+# test_mpirun_train_and_resume_matches_torchrun's (and test_faults' under torchrun)
+@pytest.mark.parametrize("zero", [3])
+def test_resume_bit_identical_torchrun(workdir, zero):
+    full = str(workdir / f"full_z{zero}")
+    ok(launch("torchrun", 2, [TINY, *SMALL, f"deepspeed.zero_stage={zero}", "train.steps=6",
+                              f"train.run_dir={full}"], workdir))
     run = str(workdir / f"resumed_z{zero}")
     common = [TINY, *SMALL, f"deepspeed.zero_stage={zero}", "train.steps=6", f"train.run_dir={run}"]
     ok(launch("torchrun", 2, [*common, "train.stop_after=3"], workdir))
@@ -70,9 +69,10 @@ def test_mpirun_train_and_resume_matches_torchrun(workdir, full_z2):
     assert losses(run) == losses(full_z2)
 
 
-@pytest.mark.parametrize("variant", [["deepspeed.zero_stage=0"], ["deepspeed.zero_stage=1"],
+# ZeRO 1's gradients are checked against SP=1 in test_sp_gradients (ring2-1)
+@pytest.mark.parametrize("variant", [["deepspeed.zero_stage=0"],
                                      ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]],
-                         ids=["zero0", "zero1", "zero2-offload"])
+                         ids=["zero0", "zero2-offload"])
 def test_zero_stages_agree(workdir, full_z2, variant):
     """The loss is the global token mean at every ZeRO stage (no stage scales gradients
     differently): each stage's losses match ZeRO-2's to fp32 round-off."""
