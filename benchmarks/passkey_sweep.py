@@ -114,6 +114,8 @@ VARIANTS: Dict[str, dict] = {
                            save="runs/passkey_sweep/long-lr2e-3.pt"),
     "long-jitter3": _v({}, [stage(512, 8, 300, 2e-3, jitter=3)], init="runs/passkey_sweep/short-lr1e-3.pt",
                        save="runs/passkey_sweep/long-jitter3.pt"),
+    "jitter-short": _v({}, [stage(128, 32, 800, 1e-3, jitter=3)], save="runs/passkey_sweep/jitter-short.pt"),
+    "jitter-long": _v({}, [stage(512, 8, 300, 2e-3, jitter=3)], init="runs/passkey_sweep/jitter-short.pt"),
     "long-mixed": _v({}, [stage(128, 32, 300, 5e-4, warmup=50, mix512=8)], init="runs/passkey_sweep/short-lr1e-3.pt"),
 }
 
