@@ -4,12 +4,16 @@ A research sweep behind benchmarks/passkey_landmark.py: trains variants of the p
 in-process (same model, sampler, AdamW, warmup + cosine and clipping as `longctx train`, no
 DeepSpeed), several at once in worker processes, and records after every `--eval-every` steps
 the exact-answer rate on held-out prompts (teacher forcing: every answer token and the eos
-after it must be the argmax) at the stage's length, at 512 and at 2K (full attention, for
+after it must be the argmax) at the stage's length, 128, 512 and 2K (full attention, for
 landmark models the full grouped softmax), and at the end the landmark models' greedy answers
-through the retrieval cache (top-k blocks) at 2K and 8K. Steps are the currency: a recipe that
-learns in N steps here learns in N steps on the CPU.
+through the retrieval cache (top-4 blocks, compressed positions; --retrieval) at 2K and 8K.
+Steps are the currency: a recipe that learns in N steps here learns in N steps on the CPU.
+Variants may save their weights and others start from them (`save` / `init`: one short stage,
+several long stages). Findings: docs/landmark.md, Status; docs/passkey_sweep_*.json.
 
     python benchmarks/passkey_sweep.py --variants all --workers 8 --out runs/passkey_sweep.json
+    python benchmarks/passkey_sweep.py --variants short-lr1e-3 && \
+        python benchmarks/passkey_sweep.py --variants long-lr2e-3,long-lr5e-4 --workers 2
     python benchmarks/passkey_sweep.py --list
 """
 from __future__ import annotations
@@ -59,12 +63,12 @@ CUR = [stage(128, 32, 800, 3e-3), stage(512, 8, 300, 2e-3)]  # the benchmark's r
 
 
 def _v(model: Dict, stages: List[dict], plain: bool = False, seed: int = 0, key_digits: int = 0,
-       init: str = "", save: str = "") -> dict:
+       init: str = "", save: str = "", weight_decay: float = None) -> dict:
     """key_digits > 0: training keys are random strings of 1..key_digits digits (held-out
     prompts keep the task's keys, 1..50000). init / save: a state dict to start from / to write
     after the last stage (paths relative to the repository root)."""
     return {"model": model, "stages": stages, "plain": plain, "seed": seed, "key_digits": key_digits,
-            "init": init, "save": save}
+            "init": init, "save": save, "weight_decay": weight_decay}
 
 
 K2 = [stage(128, 32, 600, 3e-3), stage(512, 8, 300, 2e-3)]
@@ -94,7 +98,7 @@ VARIANTS: Dict[str, dict] = {
     "plain-direct512": _v({}, [stage(512, 8, 1100, 3e-3)], plain=True),
     "L2-lr6e-3": _v({"n_layers": 2}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
     "h8-lr6e-3": _v({"n_heads": 8, "n_kv_heads": 8}, [stage(128, 32, 800, 6e-3), stage(512, 8, 300, 2e-3)]),
-    "wd0": _v({}, CUR),  # weight decay 0 (set in run())
+    "wd0": _v({}, CUR, weight_decay=0.0),
     # round 2: long keys (more copy targets per sample)
     "k16": _v({}, K2, key_digits=16),
     "plain-k16": _v({}, K2, plain=True, key_digits=16),
@@ -185,7 +189,7 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
         sampler = _sampler(cfg, tok, st["L"], st["batch"], seed=1234 + 17 * si + variant["seed"], targets=st["targets"])
         if st.get("mix512"):
             s512 = _sampler(cfg, tok, 512, st["mix512"], seed=4321 + 17 * si + variant["seed"], targets=st["targets"])
-        wd = 0.0 if name.startswith("wd0") else cfg.train.weight_decay
+        wd = cfg.train.weight_decay if variant.get("weight_decay") is None else variant["weight_decay"]
         opt = torch.optim.AdamW(model.parameters(), lr=st["lr"], betas=(0.9, 0.95), weight_decay=wd)
         for step in range(st["steps"]):
             w = st["warmup"]
