@@ -15,6 +15,7 @@ several long stages). Findings: docs/landmark.md, Status; docs/passkey_sweep_*.j
     python benchmarks/passkey_sweep.py --variants short-lr1e-3 && \
         python benchmarks/passkey_sweep.py --variants long-lr2e-3,long-lr5e-4 --workers 2
     python benchmarks/passkey_sweep.py --list
+    python benchmarks/passkey_sweep.py --table docs/passkey_sweep_h100.json docs/passkey_sweep_cpu.json
 """
 from __future__ import annotations
 
@@ -31,11 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
-RETRIEVAL = [(2048, 64), (8192, 32)]  # (length, trials) of the final retrieval check
 
 
 def stage(L: int, batch: int, steps: int, lr: float, targets: str = "all", warmup: int = 20, mix512: int = 0,
@@ -168,7 +167,9 @@ def exact_rate(model, cfg, tok, L: int, n: int, device, batch: int = 32) -> floa
     return ok / done
 
 
-def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n_eval: int) -> dict:
+def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n_eval: int,
+        retrieval=((2048, 64), (8192, 32))) -> dict:
+    """Train one variant; retrieval: (length, trials) pairs of the final retrieval check."""
     from longctx.train.data import load_tokenizer
     from longctx.model.transformer import DecoderLM, SeqContext
     torch.manual_seed(variant["seed"])
@@ -239,22 +240,44 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
         lm = _LM()
         lm.cfg, lm.model = cfg, model.eval()
         try:
-            for L, n in RETRIEVAL:
+            for L, n in retrieval:
                 ok = eval_landmark(lm, tok, trials(tok, L, n, 0), 4, 32, lambda k: None)
                 out[f"retrieval{L}"] = sum(ok) / n
-            print(f"{name}: retrieval " + ", ".join(f"{L}: {out[f'retrieval{L}']:.2f}" for L, _ in RETRIEVAL), flush=True)
+            print(f"{name}: retrieval " + ", ".join(f"{L}: {out[f'retrieval{L}']:.2f}" for L, _ in retrieval), flush=True)
         except Exception as exc:  # keep the training curve
             out["retrieval_error"] = f"{type(exc).__name__}: {exc}"
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
+def table(paths: List[str]) -> str:
+    """The markdown table of finished variants in sweep JSONs (each a list of results, or a dict
+    whose list values are; 'machine' names the device, shown as H100 or CPU)."""
+    lines = ["| variant | model | where | steps, first stage | exact@128 after it | steps, all | exact@512 | "
+             "exact@2K (full) | retrieval@2K (k=4) |", "|---" * 9 + "|"]
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        where = "H100" if "H100" in str(data.get("machine", "")) else "CPU" if isinstance(data, dict) else "?"
+        runs = data if isinstance(data, list) else [r for v in data.values() if isinstance(v, list) for r in v]
+        for r in runs:
+            if "error" in r:
+                continue
+            cv = r["curve"]
+            first, last = [x for x in cv if x["stage"] == 0][-1], cv[-1]
+            e128, ret = first.get("exact128"), r.get("retrieval2048")
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            lines.append(f"| {r['name']} | {'plain' if r['variant']['plain'] else 'landmark'} | {where} | "
+                         f"{first['step']} | {fmt(e128)} | {last['step']} | {last['exact512']:.2f} | "
+                         f"{last['exact2048']:.2f} | {fmt(ret)} |")
+    return "\n".join(lines)
+
+
 def _worker(args):
     name, variant, tok_path, device, eval_every, n_eval, retrieval = args
-    RETRIEVAL[:] = retrieval
     torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "2")))
     try:
-        return run(name, variant, tok_path, device, eval_every, n_eval)
+        return run(name, variant, tok_path, device, eval_every, n_eval, retrieval)
     except Exception as exc:  # a variant's failure is recorded, the sweep goes on
         import traceback
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
@@ -264,6 +287,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="all", help="comma-separated names, or all")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of sweep JSONs and exit")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -272,6 +296,9 @@ def main(argv=None) -> int:
     ap.add_argument("--retrieval", default="2048:64,8192:32", help="LENGTH:TRIALS,... of the final retrieval check")
     ap.add_argument("--out", default="runs/passkey_sweep.json")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.list:
         for k, v in VARIANTS.items():
             print(k, json.dumps(v))

@@ -31,10 +31,10 @@ def full_z2(workdir):
     return run
 
 
-# ZeRO 3 (parameters partitioned too); a ZeRO-2 run stopped and resumed bit for bit is
-# test_mpirun_train_and_resume_matches_torchrun's (and test_faults' under torchrun)
-@pytest.mark.parametrize("zero", [3])
-def test_resume_bit_identical_torchrun(workdir, zero):
+def test_resume_bit_identical_torchrun_zero3(workdir):
+    """ZeRO 3 (parameters partitioned too); a ZeRO-2 run stopped and resumed bit for bit is
+    test_mpirun_train_and_resume_matches_torchrun's (and test_faults' under torchrun)."""
+    zero = 3
     full = str(workdir / f"full_z{zero}")
     ok(launch("torchrun", 2, [TINY, *SMALL, f"deepspeed.zero_stage={zero}", "train.steps=6",
                               f"train.run_dir={full}"], workdir))
