@@ -830,12 +830,20 @@ class PasskeySampler(_StepSampler):
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1,
                  layout: str = "contiguous", ulysses: int = 1, landmark_block: int = 0, landmark_id: int = -1,
-                 targets: str = "answer"):
+                 targets: str = "answer", min_len: int = 0):
         super().__init__(seq_len, micro_batch_size, seed, dp_rank, dp_size, sp_rank, sp_size, layout, ulysses,
                          landmark_block, landmark_id)
         if targets not in ("answer", "all"):
             raise ValueError(f"data.passkey_targets={targets!r}: use 'answer' (the key only) or 'all' (every token)")
         self.tokenizer, self.targets = _as_tokenizer(tokenizer), targets
+        self.min_len = int(min_len)
+        if self.min_len:
+            from longctx.eval.passkey import _n_tokens
+            need = _n_tokens(self.tokenizer, 50000, 0, 0.0)  # the longest key, no filler
+            if not need <= self.min_len <= self.regular_len:
+                raise ValueError(f"data.passkey_min_len={self.min_len}: use 0 (every prompt fills the window) or "
+                                 f"{need}..{self.regular_len} (the shortest prompt with this tokenizer .. the "
+                                 f"window's {self.regular_len} regular tokens)")
 
     def sample(self, g: int) -> dict:
         """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth.
@@ -845,7 +853,9 @@ class PasskeySampler(_StepSampler):
         rng = np.random.default_rng([self.seed, g])
         depth = float(rng.uniform(0.0, 1.0))
         n = self.regular_len
-        s = passkey_sample(self.tokenizer, rng, n, depth)
+        # drawn only when asked, so that min_len=0 keeps the samples of earlier runs
+        used = int(rng.integers(self.min_len, n + 1)) if self.min_len else n
+        s = passkey_sample(self.tokenizer, rng, used, depth)
         ids = np.full(n + 1, self.tokenizer.pad_id, dtype=np.int64)
         n_p, n_a = s["prompt_ids"].size, s["answer_ids"].size
         ids[:n_p], ids[n_p:n_p + n_a], ids[n_p + n_a] = s["prompt_ids"], s["answer_ids"], self.tokenizer.eos_id
@@ -954,7 +964,8 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
     def mixed(packed):
         if not fraction:
             return packed, tok.vocab_size
-        pk = PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets, **common)
+        pk = PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets,
+                            min_len=data_cfg.passkey_min_len, **common)
         return MixedSampler(packed, pk, fraction), tok.vocab_size
 
     if kind == "tokens":
@@ -973,7 +984,7 @@ def make_sampler(data_cfg, tokenizer, dp_rank: int, dp_size: int, sp_rank: int, 
         return lm(prefix)
     if kind == "passkey":
         return PasskeySampler(tok, sp_rank=sp_rank, sp_size=sp_size, targets=data_cfg.passkey_targets,
-                              **common), tok.vocab_size
+                              min_len=data_cfg.passkey_min_len, **common), tok.vocab_size
     raise ValueError(f"data.kind={kind!r} is unknown: use 'tokens', 'synthetic' or 'passkey'")
 
 

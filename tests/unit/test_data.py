@@ -396,12 +396,34 @@ def test_passkey_sampler_targets_all_labels_every_real_token():
         D.PasskeySampler(TOK, seq_len=300, micro_batch_size=2, seed=5, targets="some")
 
 
+def test_passkey_sampler_min_len_varies_prompt_length():
+    # fixed-length prompts let a model tie its copying to the question's position (it then fails
+    # at every other length, and in landmark retrieval's short compressed contexts)
+    fixed = D.PasskeySampler(TOK, seq_len=1200, micro_batch_size=40, seed=5)
+    var = D.PasskeySampler(TOK, seq_len=1200, micro_batch_size=40, seed=5, min_len=300)
+    def real_len(b):
+        return (b["input_ids"] != TOK.pad_id).sum(1)
+    filler = 100  # bytes of one filler sentence group, about: prompts fill up to it
+    b = var.batch(0)
+    n_fixed, n_var = real_len(fixed.batch(0)), real_len(b)
+    assert int(n_fixed.min()) > 1200 - filler
+    assert int(n_var.min()) >= 300 - filler and int(n_var.max()) <= 1200
+    assert int(n_var.min()) < 500 and int(n_var.max()) > 1000  # spread over the range
+    for row in range(40):  # the answer + eos are the labels, right before the padding
+        lab = b["labels"][row][b["labels"][row] != -100]
+        n = int(n_var[row])
+        assert lab[-1] == TOK.eos_id and torch.equal(b["input_ids"][row, n - lab.numel():n], lab)
+    for bad in (100, 1201):
+        with pytest.raises(ValueError, match=f"data.passkey_min_len={bad}"):
+            D.PasskeySampler(TOK, seq_len=1200, micro_batch_size=2, seed=5, min_len=bad)
+
+
 # ------------------------------------------------------------------------------- make_sampler
 
 
 def _cfg(**kw):
     base = dict(kind="synthetic", path=None, tokenizer="byte", seq_len=32, micro_batch_size=2,
-                seed=3, synthetic_tokens=4000, cache_dir=None, passkey_targets="answer")
+                seed=3, synthetic_tokens=4000, cache_dir=None, passkey_targets="answer", passkey_min_len=0)
     base.update(kw)
     return SimpleNamespace(**base)
 

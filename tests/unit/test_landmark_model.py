@@ -42,6 +42,20 @@ def test_stream_with_all_blocks_equals_full_forward(mixers, extra, compressed):
     assert torch.allclose(got, full, atol=1e-5, rtol=1e-5), float((got - full).abs().max())
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_local_window_is_always_attended(compressed):
+    """A local window covering every group with top_k=1 is the full forward (each group at its
+    true distance); without the window, k=1 is not."""
+    m = model("[landmark]")
+    ids = stream_ids(37)
+    with torch.no_grad():
+        full = m.hidden(torch.as_tensor(ids)[None], _ctx(len(ids)))
+    local = RetrievalStream(m, BLOCK, LM_ID, top_k=1, compressed_positions=compressed, local_groups=100).feed(ids)
+    assert torch.allclose(local, full, atol=1e-5, rtol=1e-5), float((local - full).abs().max())
+    alone = RetrievalStream(m, BLOCK, LM_ID, top_k=1, compressed_positions=compressed, local_groups=0).feed(ids)
+    assert float((alone - full).abs().max()) > 1e-3
+
+
 def _ctx(T):
     from longctx.model.transformer import SeqContext
     return SeqContext(positions=torch.arange(T)[None])
@@ -100,6 +114,8 @@ def test_bad_use():
         RetrievalStream(model("[softmax,landmark]"), BLOCK, LM_ID)
     with pytest.raises(ValueError, match="top_k=0"):
         RetrievalStream(model("[landmark]"), BLOCK, LM_ID, top_k=0).feed(stream_ids(3))
+    with pytest.raises(ValueError, match="local_groups=-1"):
+        RetrievalStream(model("[landmark]"), BLOCK, LM_ID, local_groups=-1).feed(stream_ids(3))
     s = RetrievalStream(model("[landmark]"), BLOCK, LM_ID)
     s.feed(stream_ids(3))
     s.pos = 0  # out of order
