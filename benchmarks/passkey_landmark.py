@@ -3,18 +3,24 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
 
 1. Train a landmark model (configs/passkey-landmark-cpu.yaml) and the same model with plain
    softmax attention (model.mixers=[softmax], data.seq_len=512) with `longctx train`, each in
-   two stages (a curriculum): `short` on 128-token passkey prompts, batch 32, where copying the
-   key is learnt (the landmark model already with a landmark per 32 tokens, so it learns to
-   reach the key through its block's landmark), then `long` on 512-token windows from the short
-   stage's weights (init.from_checkpoint). Tokens: a word-level tokenizer of the passkey vocabulary, digits one token each
-   (written to the work folder; as a subword tokenizer splits digits, without the byte-level
-   ambiguity of "sky is " / "key is "). On 512-token windows alone neither model learnt to copy
-   the key within 400 steps here; on 128-token prompts the plain model did after ~450.
+   three stages (a curriculum), every one from the previous one's weights (init.from_checkpoint):
+   `short`: 128-token prompts, batch 32, where copying the key is learnt (the landmark model
+   already with a landmark per 32 tokens, so it learns to reach the key through its block's
+   landmark); `mid`: prompts of 70-256 tokens (data.passkey_min_len), batch 16; `long`: the
+   512-token windows with prompts of 70-512 tokens, batch 8. Prompts of one fixed length let a
+   model tie its copying to the question's position: the short stage's model answers at 128
+   tokens and at no other length, 112 or 160 included, so neither longer full attention nor
+   retrieval (whose contexts are short and compressed) works from it; the varied lengths make
+   copying length-free. On 512-token windows alone neither model learnt to copy within 400
+   steps, nor on 70-256 from scratch within 800. Tokens: a word-level tokenizer of the passkey
+   vocabulary, digits one token each (written to the work folder; as a subword tokenizer splits
+   digits, without the byte-level ambiguity of "sky is " / "key is ").
 2. Evaluate passkey retrieval at each length: `--trials` prompts per length with the key's
    depth spread uniformly over [0, 1] (trial i at depth (i + 0.5) / trials; key, filler count
    and prompt from longctx.eval.tasks.retrieval_sample, as `longctx eval` draws them).
-   - landmark: streamed through the retrieval cache (RetrievalStream, top-k blocks per head,
-     block K/V offloaded to the host store), greedy decoding, prompts of equal length decoded
+   - landmark: streamed through the retrieval cache (RetrievalStream: the local window of the
+     latest LOCAL_GROUPS groups plus the top-k older blocks per head, block K/V offloaded to the
+     host store), greedy decoding, prompts of equal length decoded
      together as one batch (each row exactly as it would be alone);
    - plain: one full causal forward over prompt + answer (teacher forcing).
    A trial counts when the greedy continuation is exactly the key's digits followed by a
@@ -47,16 +53,18 @@ import torch  # noqa: E402
 from longctx.eval.harness import parse_lengths  # noqa: E402
 from longctx.eval.lm import load_eval_model  # noqa: E402
 from longctx.eval.tasks import retrieval_sample  # noqa: E402
-from longctx.model.landmark import RetrievalStream  # noqa: E402
+from longctx.model.landmark import LOCAL_GROUPS, RetrievalStream  # noqa: E402
 from longctx.model.transformer import SeqContext  # noqa: E402
 from longctx.train import checkpoint as ckpt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
 PLAIN = ["model.mixers=[softmax]", "data.seq_len=512"]
-# the short stage of each model: 128 regular tokens per window, batch 32 (same tokens per step)
-SHORT = {"landmark": ["data.seq_len=132"], "plain": ["data.seq_len=128"]}  # landmark: 4 blocks of 32
-SHORT_COMMON = ["data.micro_batch_size=32", "train.lr=3e-3"]
+# the stages before the config's long one (same tokens per step): (name, model -> overrides)
+STAGES = [("short", {"landmark": ["data.seq_len=132"], "plain": ["data.seq_len=128"]},  # 4 blocks of 32
+           ["data.micro_batch_size=32", "data.passkey_min_len=0"]),
+          ("mid", {"landmark": ["data.seq_len=264"], "plain": ["data.seq_len=256"]},  # 8 blocks of 32
+           ["data.micro_batch_size=16"])]
 
 
 def write_word_tokenizer(path: str) -> str:
@@ -171,9 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=200, help="landmark trials per length")
     ap.add_argument("--plain-trials", default="200,200,40,8", help="plain-model trials, one per length")
     ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32, help="prompts decoded together")
+    ap.add_argument("--batch", type=int, default=64, help="prompts decoded together")
     ap.add_argument("--short-steps", type=int, default=800, help="steps of the 128-token stage")
-    ap.add_argument("--long-steps", type=int, default=300, help="steps of the 512-token stage")
+    ap.add_argument("--mid-steps", type=int, default=400, help="steps of the 70-256-token stage")
+    ap.add_argument("--long-steps", type=int, default=700, help="steps of the 70-512-token stage")
     ap.add_argument("--work", default="runs/passkey-landmark-bench", help="run folders and logs")
     ap.add_argument("--reuse", action="store_true", help="evaluate existing runs in --work, no training")
     ap.add_argument("--seed", type=int, default=0)
@@ -191,29 +200,32 @@ def main(argv=None) -> int:
     common = [f"data.tokenizer={tok_path}", "model.vocab_size=64"]
     runs = {name: os.path.join(args.work, name) for name in ("landmark", "plain")}
     res = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "top_k": args.top_k,
-           "train_len": 512, "config": os.path.relpath(CONFIG, ROOT), "models": {},
-           "short_stage": SHORT_COMMON + ["data.seq_len=128"]}
+           "local_groups": LOCAL_GROUPS, "train_len": 512, "config": os.path.relpath(CONFIG, ROOT), "models": {},
+           "stages": {st: common_ov + ov["landmark"] for st, ov, common_ov in STAGES}}
+    stage_steps = {"short": args.short_steps, "mid": args.mid_steps, "": args.long_steps}
     for name, run in runs.items():
         if args.reuse:
             continue
         base = common + (PLAIN if name == "plain" else [])
-        short = run + "-short"
-        for d in (short, run):
+        plan = [(run + "-" + st, ov[name] + common_ov, st) for st, ov, common_ov in STAGES] + [(run, [], "")]
+        for d, _, _ in plan:
             if os.path.exists(d):
                 shutil.rmtree(d)
-        print(f"training {name}: short stage -> {short} ...", flush=True)
-        s1 = train(short, base + SHORT_COMMON + SHORT[name] + [f"train.steps={args.short_steps}"],
-                   os.path.join(args.work, f"{name}-short.log"))
-        print(f"  {s1:.0f} s; long stage -> {run} ...", flush=True)
-        s2 = train(run, base + [f"train.steps={args.long_steps}", f"init.from_checkpoint={short}"],
-                   os.path.join(args.work, f"{name}.log"))
-        res.setdefault("train_s", {})[name] = round(s1 + s2, 1)
-        print(f"  {s2:.0f} s", flush=True)
+        secs, prev = 0.0, None
+        for d, ov, st in plan:
+            print(f"training {name}: {st or 'long'} stage -> {d} ...", flush=True)
+            init = [f"init.from_checkpoint={prev}"] if prev else []
+            secs += train(d, base + ov + [f"train.steps={stage_steps[st]}"] + init,
+                          os.path.join(args.work, f"{os.path.basename(d)}.log"))
+            print(f"  {secs:.0f} s so far", flush=True)
+            prev = d
+        res.setdefault("train_s", {})[name] = round(secs, 1)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for name, run in runs.items():
         lm, tok, cfg, label = load_eval_model(run)
         n_params = sum(p.numel() for p in lm.model.parameters())
-        steps = [ckpt.step_of(os.path.basename(ckpt.resolve_folder(r))) for r in (run + "-short", run)]
+        steps = [ckpt.step_of(os.path.basename(ckpt.resolve_folder(r)))
+                 for r in [run + "-" + st for st, _, _ in STAGES] + [run]]
         entry = {"label": f"{name} ({cfg.model.n_layers} layers, d={cfg.model.d_model}, {n_params / 1e6:.2f}M)",
                  "steps": steps, "lengths": {}}
         for L, n_plain in zip(lengths, plain_trials):
@@ -247,12 +259,12 @@ def main(argv=None) -> int:
 
 
 def table(res: dict) -> str:
-    lines = [f"machine: {res['machine']}; trained at {res['train_len']} tokens; landmark retrieval top-k = "
-             f"{res['top_k']} blocks per head"]
+    lines = [f"machine: {res['machine']}; trained at {res['train_len']} tokens; landmark retrieval: "
+             f"local window {res.get('local_groups', 0)} groups + top-k = {res['top_k']} blocks per head"]
     for name, e in res["models"].items():
         ts = res.get("train_s", {}).get(name)
-        lines.append(f"{e['label']}: {e['steps'][0]} steps at 128 tokens + {e['steps'][1]} at 512"
-                     + (f", trained in {ts:.0f} s" if ts else ""))
+        lines.append(f"{e['label']}: {e['steps'][0]} steps at 128 tokens + {e['steps'][1]} at 70-256 + "
+                     f"{e['steps'][2]} at 70-512" + (f", trained in {ts:.0f} s" if ts else ""))
     lines.append(f"{'length':>8}  {'landmark':>17}  {'plain':>17}")
     for L in res["models"]["landmark"]["lengths"]:
         cells = []

@@ -38,14 +38,15 @@ CONFIG = os.path.join(ROOT, "configs", "passkey-landmark-cpu.yaml")
 
 
 def stage(L: int, batch: int, steps: int, lr: float, targets: str = "all", warmup: int = 20, mix512: int = 0,
-          jitter: int = 0, **model) -> dict:
+          jitter: int = 0, min_len: int = 0, **model) -> dict:
     """One training stage: L regular tokens per window, `batch` windows per step; mix512 > 0:
     every second step is instead mix512 windows of 512 tokens; `model`: model overrides for
     this stage only (e.g. landmark_block), weights carried over. jitter > 0: position skips
     (PoSE-like): at every group boundary positions jump by 0..jitter whole groups, drawn per
-    row, so distances between blocks vary as retrieval's compressed positions change them."""
+    row, so distances between blocks vary as retrieval's compressed positions change them.
+    min_len > 0: prompt lengths uniform in min_len..L (data.passkey_min_len)."""
     return {"L": L, "batch": batch, "steps": steps, "lr": lr, "targets": targets, "warmup": warmup,
-            "mix512": mix512, "jitter": jitter, "model": model}
+            "mix512": mix512, "jitter": jitter, "min_len": min_len, "model": model}
 
 
 def jitter_positions(pos_BT: torch.Tensor, W: int, jitter: int, gen: torch.Generator) -> torch.Tensor:
@@ -119,6 +120,14 @@ VARIANTS: Dict[str, dict] = {
                        save="runs/passkey_sweep/long-jitter3.pt"),
     "jitter-short": _v({}, [stage(128, 32, 800, 1e-3, jitter=3)], save="runs/passkey_sweep/jitter-short.pt"),
     "jitter-long": _v({}, [stage(512, 8, 300, 2e-3, jitter=3)], init="runs/passkey_sweep/jitter-short.pt"),
+    "var256": _v({}, [stage(256, 16, 800, 1e-3, min_len=70)], save="runs/passkey_sweep/var256.pt"),
+    "var128": _v({}, [stage(128, 32, 800, 1e-3, min_len=70)], save="runs/passkey_sweep/var128.pt"),
+    "var256-from-short": _v({}, [stage(256, 16, 400, 1e-3, min_len=70)], init="runs/passkey_sweep/short-lr1e-3.pt",
+                            save="runs/passkey_sweep/var256-from-short.pt"),
+    "var512-from-var256": _v({}, [stage(512, 8, 300, 1e-3, min_len=70)], init="runs/passkey_sweep/var256-from-short.pt",
+                             save="runs/passkey_sweep/var512-from-var256.pt"),
+    "var512-more": _v({}, [stage(512, 8, 400, 1e-3, min_len=70)], init="runs/passkey_sweep/var512-from-var256.pt",
+                      save="runs/passkey_sweep/var512-more.pt"),
     "long-mixed": _v({}, [stage(128, 32, 300, 5e-4, warmup=50, mix512=8)], init="runs/passkey_sweep/short-lr1e-3.pt"),
 }
 
@@ -140,12 +149,12 @@ def _cfg(variant: dict, tok_path: str, stage_model: Dict = None):
     return load_config(CONFIG, ov)
 
 
-def _sampler(cfg, tok, L: int, batch: int, seed: int, targets: str):
+def _sampler(cfg, tok, L: int, batch: int, seed: int, targets: str, min_len: int = 0):
     from longctx.train.data import PasskeySampler
     block = 0 if "landmark" not in list(cfg.model.mixers) else int(cfg.model.landmark_block)
     seq_len = L + (L // block if block else 0)
     return PasskeySampler(tok, seq_len, batch, seed, landmark_block=block, landmark_id=tok.landmark_id if block else -1,
-                          targets=targets)
+                          targets=targets, min_len=min_len)
 
 
 @torch.no_grad()
@@ -187,7 +196,8 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
             cfg, sd = scfg, model.state_dict()
             model = DecoderLM(cfg.model).to(dev)
             model.load_state_dict(sd)
-        sampler = _sampler(cfg, tok, st["L"], st["batch"], seed=1234 + 17 * si + variant["seed"], targets=st["targets"])
+        sampler = _sampler(cfg, tok, st["L"], st["batch"], seed=1234 + 17 * si + variant["seed"], targets=st["targets"],
+                           min_len=st.get("min_len", 0))
         if st.get("mix512"):
             s512 = _sampler(cfg, tok, 512, st["mix512"], seed=4321 + 17 * si + variant["seed"], targets=st["targets"])
         wd = cfg.train.weight_decay if variant.get("weight_decay") is None else variant["weight_decay"]
