@@ -98,11 +98,16 @@ def cmd_eval(args) -> int:
     if bool(args.hf) == bool(args.checkpoint):
         raise ValueError("give one of --checkpoint DIR (a run folder, its checkpoints/ folder or a step_N folder) "
                          "or --hf DIR (a Hugging Face model folder)")
+    if args.retrieval_local is not None and (args.retrieval_local < 0 or not args.retrieval_k):
+        raise ValueError(f"--retrieval-local {args.retrieval_local}: use a count >= 0 of latest groups, with "
+                         f"--retrieval-k K (it applies to retrieval only)")
     from longctx.eval.lm import load_eval_model, load_hf_eval_model
     if args.hf:
         model, tok, cfg, name = load_hf_eval_model(args.hf, args.overrides, args.retrieval_k)
     else:
         model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides, args.retrieval_k)
+    if args.retrieval_local is not None:
+        model.retrieval_local = args.retrieval_local
     lead = _rank() == 0
     out = args.out or f"eval_{task}_{name.replace('@', '_').replace('/', '_')}.json"
     if task == "ppl":
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=4, help="ppl: windows per length")
     e.add_argument("--retrieval-k", type=int, default=0,
                    help="landmark models: retrieve the top-k blocks per head from the block cache (0: exact)")
+    e.add_argument("--retrieval-local", type=int, default=None,
+                   help="with --retrieval-k: latest groups always attended at their true distance "
+                        "(default longctx.model.landmark.LOCAL_GROUPS)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="result JSON (an existing partial one is resumed); PNG beside it")
     e.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. parallel.sp_ring=2")

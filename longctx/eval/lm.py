@@ -29,20 +29,26 @@ class LMEval:
 
     def __init__(self, model: DecoderLM, cfg, sp=None, layout: str = "contiguous", ulysses: int = 1,
                  device: Optional[torch.device] = None, eos_id: Optional[int] = None,
-                 landmark_id: Optional[int] = None, retrieval_k: int = 0):
+                 landmark_id: Optional[int] = None, retrieval_k: int = 0, retrieval_local: Optional[int] = None):
         self.model, self.cfg, self.sp, self.layout, self.ulysses = model.eval(), cfg, sp, layout, ulysses
         self.device = device or torch.device("cpu")
         self.eos_id = eos_id
         self.P = sp.size if sp is not None else 1
         self.rank = sp.rank if sp is not None else 0
         # Landmark models read prompts in the landmark layout; retrieval_k > 0 streams them
-        # through the block cache (top-k blocks per head), 0 runs the exact grouped softmax.
+        # through the block cache (the local window of retrieval_local latest groups, default
+        # landmark.LOCAL_GROUPS, and the top-k older blocks per head), 0 runs the exact grouped softmax.
         self.landmark_block = cfg.model.landmark_block if "landmark" in cfg.model.mixers else 0
         if self.landmark_block and landmark_id is None:
             raise ValueError("a landmark model needs the tokenizer's landmark_id")
         self.landmark_id, self.retrieval_k = landmark_id, retrieval_k
         if retrieval_k and not self.landmark_block:
             raise ValueError(f"retrieval_k={retrieval_k}: only landmark models retrieve blocks")
+        from longctx.model.landmark import LOCAL_GROUPS
+        self.retrieval_local = LOCAL_GROUPS if retrieval_local is None else int(retrieval_local)
+        if self.retrieval_local < 0:
+            raise ValueError(f"retrieval_local={retrieval_local}: use >= 0 latest groups always attended "
+                             f"(default {LOCAL_GROUPS})")
 
     # -- what fits ---------------------------------------------------------------------------
     def bytes_needed(self, n: int) -> int:
@@ -117,7 +123,8 @@ class LMEval:
         if self.retrieval_k:
             if self.sp is not None:
                 raise ValueError("retrieval inference runs on one rank: launch one process for --retrieval-k")
-            return RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k).generate(
+            return RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k,
+                                   local_groups=self.retrieval_local).generate(
                 prompt_ids, max_new_tokens, self.eos_id)
         regular, out = list(np.asarray(prompt_ids, dtype=np.int64)), []
         for _ in range(max_new_tokens):
@@ -155,7 +162,8 @@ class LMEval:
         if self.retrieval_k:
             if self.sp is not None:
                 raise ValueError("retrieval inference runs on one rank: launch one process for --retrieval-k")
-            h = RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k).feed(lay[:-1])
+            h = RetrievalStream(self.model, B, self.landmark_id, self.retrieval_k,
+                                local_groups=self.retrieval_local).feed(lay[:-1])
             pos = torch.arange(n)
         else:
             h, pos = self._hidden(lay[:-1])

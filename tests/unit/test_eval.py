@@ -201,5 +201,13 @@ def test_landmark_model_generation_exact_and_with_retrieval():
     exact = LMEval(m, cfg, landmark_id=TOK.landmark_id).generate(prompt, 5)
     retr = LMEval(m, cfg, landmark_id=TOK.landmark_id, retrieval_k=100).generate(prompt, 5)
     assert exact == retr and len(exact) == 5
+    # a local window over every group with k=1 is the exact path too; without the window k=1 is not
+    nll = {name: LMEval(m, cfg, landmark_id=TOK.landmark_id, **kw).nll_per_token(prompt)
+           for name, kw in (("exact", {}), ("local", dict(retrieval_k=1, retrieval_local=100)),
+                            ("k1", dict(retrieval_k=1, retrieval_local=0)))}
+    assert np.allclose(nll["local"], nll["exact"], atol=1e-5)
+    assert np.abs(nll["k1"] - nll["exact"]).max() > 1e-4
+    with pytest.raises(ValueError, match="retrieval_local=-1"):
+        LMEval(m, cfg, landmark_id=TOK.landmark_id, retrieval_k=1, retrieval_local=-1)
     with pytest.raises(ValueError, match="only landmark models"):
         LMEval(_tiny_lm()[0].model, _tiny_lm()[1], retrieval_k=4)
