@@ -256,6 +256,8 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
             print(f"{name}: retrieval " + ", ".join(f"{L}: {out[f'retrieval{L}']:.2f}" for L, _ in retrieval), flush=True)
         except Exception as exc:  # keep the training curve
             out["retrieval_error"] = f"{type(exc).__name__}: {exc}"
+    from longctx.model.landmark import LOCAL_GROUPS
+    out["retrieval_local_groups"] = LOCAL_GROUPS
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -277,9 +279,10 @@ def table(paths: List[str]) -> str:
             first, last = [x for x in cv if x["stage"] == 0][-1], cv[-1]
             e128, ret = first.get("exact128"), r.get("retrieval2048")
             fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            win = r.get("retrieval_local_groups")  # recorded from the local window's introduction on
             lines.append(f"| {r['name']} | {'plain' if r['variant']['plain'] else 'landmark'} | {where} | "
                          f"{first['step']} | {fmt(e128)} | {last['step']} | {last['exact512']:.2f} | "
-                         f"{last['exact2048']:.2f} | {fmt(ret)} |")
+                         f"{last['exact2048']:.2f} | {fmt(ret)}{f' (window {win})' if win and ret is not None else ''} |")
     return "\n".join(lines)
 
 
