@@ -18,7 +18,8 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
    - yarn: one stage at 4K (YaRN factor 16, original_max_position_embeddings 256);
    - landmark: converted (landmark attention in every layer, block --landmark-block), fine-tuned
      at 256 tokens with plain RoPE (the landmark paper's recipe), read at 4K through the block
-     retrieval cache (top --retrieval-k blocks per head);
+     retrieval cache (top --retrieval-k blocks per head beside the local window of
+     longctx.model.landmark.LOCAL_GROUPS groups; figures recorded before 2026-11-27 had none);
    - hybrid: --hybrid-layers become lightning attention (from q/k/v/o, attention transfer), the
      softmax layers left get YaRN x16 (set for 4K); fine-tuned at --hybrid-train-len (1K: lightning
      has no length limit, and a 4K step costs ~4x a 1K one here).

@@ -263,8 +263,9 @@ def table(res: dict) -> str:
              f"local window {res.get('local_groups', 0)} groups + top-k = {res['top_k']} blocks per head"]
     for name, e in res["models"].items():
         ts = res.get("train_s", {}).get(name)
-        lines.append(f"{e['label']}: {e['steps'][0]} steps at 128 tokens + {e['steps'][1]} at 70-256 + "
-                     f"{e['steps'][2]} at 70-512" + (f", trained in {ts:.0f} s" if ts else ""))
+        where = ["128 tokens", "70-256", "70-512"] if len(e["steps"]) == 3 else ["128 tokens", "512"]  # older JSON: 2
+        lines.append(f"{e['label']}: " + " + ".join(f"{n} steps at {w}" for n, w in zip(e["steps"], where))
+                     + (f", trained in {ts:.0f} s" if ts else ""))
     lines.append(f"{'length':>8}  {'landmark':>17}  {'plain':>17}")
     for L in res["models"]["landmark"]["lengths"]:
         cells = []

@@ -108,6 +108,8 @@ def cmd_eval(args) -> int:
         model, tok, cfg, name = load_eval_model(args.checkpoint, args.overrides, args.retrieval_k)
     if args.retrieval_local is not None:
         model.retrieval_local = args.retrieval_local
+    if args.retrieval_k:  # in the result's header and default name: a resume with other settings is refused
+        name += f"+retrieval-k{args.retrieval_k}-local{model.retrieval_local}"
     lead = _rank() == 0
     out = args.out or f"eval_{task}_{name.replace('@', '_').replace('/', '_')}.json"
     if task == "ppl":
@@ -300,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--passkey-depths", default="0,0.5,1", help="passkey depths")
     x.add_argument("--passkey-trials", type=int, default=5, help="passkey trials per (length, depth)")
     x.add_argument("--retrieval-k", type=int, default=4,
-                   help="landmark: evaluate with top-k block retrieval (0: the exact grouped softmax)")
+                   help="landmark: evaluate with top-k block retrieval beside the local window of "
+                        "longctx.model.landmark.LOCAL_GROUPS latest groups (0: the exact grouped softmax)")
     x.add_argument("--seed", type=int, default=0, help="evaluation seed")
     x.add_argument("overrides", nargs="*", help="config key=value for every stage, e.g. deepspeed.zero_stage=2")
     x.set_defaults(func=cmd_extend)

@@ -131,9 +131,9 @@ class DataConfig:
     # all = every prompt token too (filler, and the key sentence's second copy of the key, which
     # teaches copying at short range first: a small model learns the task much sooner).
     passkey_targets: str = "answer"
-    # passkey: 0 = every prompt fills data.seq_len (the question always sits at the same
-    # position); N > 0 = each sample's length drawn uniformly from N..seq_len regular tokens
-    # (right-padded). A model trained at one length learns copying tied to that length and
+    # passkey: 0 = every prompt fills the window (the question always sits at the same
+    # position); N > 0 = each sample's length drawn uniformly from N..the window's regular
+    # tokens (seq_len less its landmarks; right-padded). A model trained at one length learns copying tied to that length and
     # fails at any other, including the short contexts landmark retrieval builds.
     passkey_min_len: int = 0
     # tokens / synthetic: this share of the samples (drawn per sample from (seed, index)) are

@@ -42,7 +42,8 @@ class LandmarkAttention(SoftmaxAttention):
 
     def _retrieve(self, x_BLD: torch.Tensor, ctx) -> torch.Tensor:
         """Streaming inference: ctx.state["landmark_retrieval"] = dict(top_k=, compressed_positions=,
-        offload=) turns it on; this layer's cache lives in ctx.state."""
+        offload=, local_groups=, capacity=) turns it on (LandmarkCache's arguments); this layer's
+        cache lives in ctx.state."""
         if ctx.sp is not None and ctx.sp.size > 1:
             raise ValueError("landmark retrieval inference runs on one rank: pass ctx.sp=None")
         key = f"landmark_cache_{self.layer_idx}"
@@ -170,10 +171,10 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
             lm_sel_pos = torch.full((Gr,), base - 1)
         else:
             lm_sel_pos = torch.arange(Gr) * W + blk
-        s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk, lm_sel_pos)).amax(3)  # (B,Hkv,G,Gr)
-        if n_loc:
-            s_sel[..., Gr - n_loc:] = math.inf
-        idx = s_sel.topk(n_sel, dim=-1).indices.sort(-1).values  # (B, Hkv, G, k), in original order
+        old = Gr - n_loc  # the groups top-k chooses from; the local window's are not scored
+        s_sel = (torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
+                 if old else qg.new_zeros(B, Hkv, G, 0))  # (B, Hkv, G, old)
+        idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
         sidx = idx.to(cache.stacked("blk_k").device)
@@ -208,6 +209,15 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         cache.cur_k, cache.cur_v = loc_k.detach(), loc_v.detach()
     cache.next_pos = p0 + n
     return mixer.merge(o.view(B, H, n, D))
+
+
+def select_groups(s_old: torch.Tensor, n_loc: int, k: int) -> torch.Tensor:
+    """Indices of the groups a head attends, ascending: the top-k by landmark score among the
+    older groups s_old (..., G_old) and the n_loc local ones after them (G_old..G_old+n_loc-1),
+    appended rather than scored (no score, however large or NaN, can push one out)."""
+    top = s_old.topk(k, dim=-1).indices if k else s_old.new_zeros(s_old.shape[:-1] + (0,), dtype=torch.long)
+    loc = torch.arange(s_old.shape[-1], s_old.shape[-1] + n_loc, device=s_old.device).expand(*s_old.shape[:-1], n_loc)
+    return torch.cat([top.sort(-1).values, loc], -1)
 
 
 def _rope_rows(mixer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -822,8 +822,9 @@ class StreamSampler(_StepSampler):
 class PasskeySampler(_StepSampler):
     """Passkey-retrieval training samples; a deterministic function of (seed, step).
 
-    Sample g uses rng = default_rng([seed, g]): depth ~ U[0, 1], then a prompt + answer of at
-    most seq_len tokens, then eos, right-padded with pad_id. Only the answer and its eos carry
+    Sample g uses rng = default_rng([seed, g]): depth ~ U[0, 1], then (min_len > 0 only) a
+    length ~ U{min_len..regular tokens of the window}, then the key; a prompt + answer of at
+    most that length (the window's by default), then eos, right-padded with pad_id. Only the answer and its eos carry
     labels, or every real token with targets='all' (landmarks and padding never do).
     """
 
@@ -839,14 +840,17 @@ class PasskeySampler(_StepSampler):
         self.min_len = int(min_len)
         if self.min_len:
             from longctx.eval.passkey import _n_tokens
-            need = _n_tokens(self.tokenizer, 50000, 0, 0.0)  # the longest key, no filler
+            # the longest prompt without filler over keys of every digit count (a subword
+            # tokenizer may split some keys into more tokens than others)
+            need = max(_n_tokens(self.tokenizer, key, 0, 0.0)
+                       for key in (9, 99, 999, 9999, 10000, 12345, 33333, 47981, 49999, 50000))
             if not need <= self.min_len <= self.regular_len:
                 raise ValueError(f"data.passkey_min_len={self.min_len}: use 0 (every prompt fills the window) or "
                                  f"{need}..{self.regular_len} (the shortest prompt with this tokenizer .. the "
                                  f"window's {self.regular_len} regular tokens)")
 
     def sample(self, g: int) -> dict:
-        """Full-length sample g: input_ids, labels int64 (seq_len,), passkey, depth.
+        """Sample g: input_ids, labels int64 (seq_len,), passkey, depth.
 
         The answer is followed by eos, a target too: the model learns where the key ends (with
         nothing after it, greedy decoding runs on into more digits and the key is misread)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longctx.config import load_config
-from longctx.model.landmark import RetrievalStream, insert_landmarks
+from longctx.model.landmark import RetrievalStream, insert_landmarks, select_groups
 from longctx.model.transformer import DecoderLM
 
 BLOCK, LM_ID = 5, 258
@@ -54,6 +54,25 @@ def test_local_window_is_always_attended(compressed):
     assert torch.allclose(local, full, atol=1e-5, rtol=1e-5), float((local - full).abs().max())
     alone = RetrievalStream(m, BLOCK, LM_ID, top_k=1, compressed_positions=compressed, local_groups=0).feed(ids)
     assert float((alone - full).abs().max()) > 1e-3
+
+
+def test_select_groups_keeps_the_local_window_whatever_the_scores():
+    s = torch.tensor([[5.0, 1.0, 4.0, -2.0, 3.0, 0.0]])  # 6 older groups; the window's 2 are not scored
+    assert select_groups(s, 2, 2).tolist() == [[0, 2, 6, 7]]  # top-2 in order, then groups 6 and 7
+    assert select_groups(torch.tensor([[float("nan"), float("inf"), 1.0]]), 1, 1).tolist() == [[0, 3]]
+    assert select_groups(s[:, :0], 3, 0).tolist() == [[0, 1, 2]]  # every group local
+    # in the stream: 8 groups, window 2, k = 1 attends 3 groups per head, the latest two always
+    m = model("[landmark]")
+    st = RetrievalStream(m, BLOCK, LM_ID, top_k=1, local_groups=2)
+    seen = []
+    import longctx.model.landmark as L
+    orig = L.select_groups
+    L.select_groups = lambda s_, n, k: seen.append((s_.shape[-1], n, k)) or orig(s_, n, k)
+    try:
+        st.feed(stream_ids(8 * BLOCK + 1))
+    finally:
+        L.select_groups = orig
+    assert seen[-1] == (6, 2, 1)  # the last call: 6 older groups scored, 2 local, k = 1
 
 
 def _ctx(T):
