@@ -12,6 +12,8 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
    128 tokens x 32 on passkey samples alone (--short-passkey-fraction 1), constant learning rate,
    then (init.from_checkpoint) --pretrain-steps at 256 tokens x 16 on the corpus mixed with passkey
    samples (data.passkey_fraction 0.5); data.passkey_targets=all (every prompt token is a target),
+   --passkey-min-len N: passkey prompts of N..256 tokens after the short stage (data.passkey_min_len;
+   a model trained on one prompt length copies at that length only: docs/landmark.md),
    plain RoPE, model.max_seq_len 256. Export with hf.save_pretrained (a Llama folder with the
    tokenizer).
 3. Extend to 4K with `extend(...)` (each stage through the trainer, the same data mixture):
@@ -120,7 +122,7 @@ def pretrain_config(args, data: Dict[str, str], run_dir: str) -> dict:
                   "tie_embeddings": True},
         "data": {"kind": "tokens", "path": data["train"], "tokenizer": data["tokenizer"], "seq_len": L0,
                  "micro_batch_size": args.batch, "passkey_fraction": args.passkey_fraction,
-                 "passkey_targets": "all", "seed": TRAIN_SEED},
+                 "passkey_targets": "all", "passkey_min_len": args.passkey_min_len, "seed": TRAIN_SEED},
         "train": {"run_dir": run_dir, "steps": args.pretrain_steps, "lr": args.lr, "warmup_steps": 30,
                   "min_lr_ratio": 0.1, "log_every": 25, "progress": False, "plot": False, "peak_flops": 1e11},
         "checkpoint": {"every": args.pretrain_steps, "keep_last": 1},
@@ -239,6 +241,7 @@ def extend_one(method: str, src: str, work: str, data: Dict[str, str], args) -> 
         if os.path.exists(d):
             shutil.rmtree(d)
     common = [f"data.passkey_fraction={args.passkey_fraction}", "data.passkey_targets=all", f"data.seed={TRAIN_SEED + 1}",
+              f"data.passkey_min_len={args.passkey_min_len}",
               f"train.threads={args.threads}", "train.peak_flops=1e11", "train.log_every=5", "train.plot=false",
               "checkpoint.keep_last=1"]
     kw = dict(data=data["train"], evaluate=False, progress=True, progress_every=30.0, overrides=common)
@@ -381,6 +384,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="sequences of 256 tokens per pretraining step")
     ap.add_argument("--lr", type=float, default=3e-3, help="pretraining peak learning rate")
     ap.add_argument("--passkey-fraction", type=float, default=0.5, help="share of passkey samples in all training")
+    ap.add_argument("--passkey-min-len", type=int, default=0,
+                    help="passkey prompts of this many tokens up to the window after the short stage "
+                         "(data.passkey_min_len; 0: every prompt fills the window)")
     ap.add_argument("--short-steps", type=int, default=600,
                     help="pretraining curriculum: steps at 128 tokens (batch x 2) first, where copying the key is "
                          "learnt sooner; 0: none")
@@ -442,7 +448,7 @@ def main(argv=None) -> int:
     if args.short_steps:
         short = json.loads(json.dumps(cfg))
         short["data"].update(seq_len=L0 // 2, micro_batch_size=2 * args.batch,
-                             passkey_fraction=args.short_passkey_fraction)
+                             passkey_fraction=args.short_passkey_fraction, passkey_min_len=0)
         # constant learning rate after warm-up: with a cosine decay over this stage, copying emerged later
         short["train"].update(run_dir=os.path.join(work, "pretrain-short"), steps=args.short_steps, min_lr_ratio=1.0)
         short["checkpoint"]["every"] = args.short_steps
@@ -465,7 +471,8 @@ def main(argv=None) -> int:
                     f"{cfg['model']['vocab_size']} (word-level), {n_params / 1e6:.2f}M params, tied embeddings",
            "pretrain": {"steps": f"{args.short_steps} x {L0 // 2} (passkey share {args.short_passkey_fraction}) + "
                                  f"{args.pretrain_steps}" if args.short_steps
-                        else args.pretrain_steps, "seconds": pre_s, "passkey_fraction": args.passkey_fraction},
+                        else args.pretrain_steps, "seconds": pre_s, "passkey_fraction": args.passkey_fraction,
+                        "passkey_min_len": args.passkey_min_len},
            "ppl_lengths": args.ppl_lengths, "passkey_lengths": args.passkey_lengths, "models": {},
            "argv": list(argv if argv is not None else sys.argv[1:])}
     say("evaluating original ...")
