@@ -133,8 +133,9 @@ class DataConfig:
     passkey_targets: str = "answer"
     # passkey: 0 = every prompt fills the window (the question always sits at the same
     # position); N > 0 = each sample's length drawn uniformly from N..the window's regular
-    # tokens (seq_len less its landmarks; right-padded). A model trained at one length learns copying tied to that length and
-    # fails at any other, including the short contexts landmark retrieval builds.
+    # tokens (seq_len less its landmarks; right-padded). A model trained at one length learns
+    # copying tied to that length and fails at any other, including the short contexts
+    # landmark retrieval builds.
     passkey_min_len: int = 0
     # tokens / synthetic: this share of the samples (drawn per sample from (seed, index)) are
     # passkey samples instead of LM windows (with passkey_targets), so that one model learns

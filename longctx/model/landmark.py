@@ -61,10 +61,13 @@ class LandmarkAttention(SoftmaxAttention):
 # The local window of retrieval inference: the latest completed groups, attended always and at
 # their true distance (the paper's l_local ~ 250 tokens). Without it the recent text is reached
 # only through top-k, and every group a head skips moves the others to new distances. Measured
-# on the passkey model of benchmarks/passkey_landmark.py (exact answers, k = 4, 32-64 trials):
+# on the sweep's var512-more passkey model (benchmarks/passkey_sweep.py; exact answers, k = 4,
+# 32-64 trials):
 # no window 0.64 at 512 tokens, 0.62 at 8K; 3 groups 0.83 at 512, 0.72 at 8K; 4 groups 1.00 at
 # 512, 1.00 at 8K, 0.97 at 32K (docs/landmark.md).
 LOCAL_GROUPS = 4
+
+
 class LandmarkCache:
     """One layer's memory for streaming inference (the paper's retrieval).
 
@@ -172,8 +175,7 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         else:
             lm_sel_pos = torch.arange(Gr) * W + blk
         old = Gr - n_loc  # the groups top-k chooses from; the local window's are not scored
-        s_sel = (torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
-                 if old else qg.new_zeros(B, Hkv, G, 0))  # (B, Hkv, G, old)
+        s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
@@ -215,7 +217,7 @@ def select_groups(s_old: torch.Tensor, n_loc: int, k: int) -> torch.Tensor:
     """Indices of the groups a head attends, ascending: the top-k by landmark score among the
     older groups s_old (..., G_old) and the n_loc local ones after them (G_old..G_old+n_loc-1),
     appended rather than scored (no score, however large or NaN, can push one out)."""
-    top = s_old.topk(k, dim=-1).indices if k else s_old.new_zeros(s_old.shape[:-1] + (0,), dtype=torch.long)
+    top = s_old.topk(k, dim=-1).indices
     loc = torch.arange(s_old.shape[-1], s_old.shape[-1] + n_loc, device=s_old.device).expand(*s_old.shape[:-1], n_loc)
     return torch.cat([top.sort(-1).values, loc], -1)
 
@@ -248,8 +250,8 @@ def insert_landmarks(ids: np.ndarray, block: int, landmark_id: int, start: int =
 class RetrievalStream:
     """Streams a landmark model over an arbitrarily long input, one group at a time, keeping
     per layer only landmark keys on the device and the k retrieved blocks per head (plus the
-    local window of `local_groups` latest groups and the open group) in the attention. Every attention layer must be `landmark`; recurrent mixers
-    (lightning) carry their state."""
+    local window of `local_groups` latest groups and the open group) in the attention. Every
+    attention layer must be `landmark`; recurrent mixers (lightning) carry their state."""
 
     def __init__(self, model, block: int, landmark_id: int, top_k: int = 4, compressed_positions: bool = True,
                  offload: bool = False, local_groups: int = LOCAL_GROUPS):

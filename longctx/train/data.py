@@ -824,8 +824,9 @@ class PasskeySampler(_StepSampler):
 
     Sample g uses rng = default_rng([seed, g]): depth ~ U[0, 1], then (min_len > 0 only) a
     length ~ U{min_len..regular tokens of the window}, then the key; a prompt + answer of at
-    most that length (the window's by default), then eos, right-padded with pad_id. Only the answer and its eos carry
-    labels, or every real token with targets='all' (landmarks and padding never do).
+    most that length (the window's by default), then eos, right-padded with pad_id. Only the
+    answer and its eos carry labels, or every real token with targets='all' (landmarks and
+    padding never do).
     """
 
     def __init__(self, tokenizer, seq_len: int, micro_batch_size: int, seed: int,
