@@ -81,7 +81,7 @@ def _sp_worker(rank, world, port, mixer, extra, ckpt, L, bf16, one_head, out):
     from longctx.config import load_config
     from longctx.kernels import lightning_torch
     from longctx.model.transformer import DecoderLM, SeqContext
-    from longctx.parallel.groups import SPHandle
+    from longctx.parallel.groups import SPHandle, shutdown_distributed
     from longctx.train.metrics import peak_tensor_bytes
     cfg = load_config(os.path.join(ROOT, "configs/tiny-cpu.yaml"),
                       [*SHAPE, *extra, f"model.mixers=[{mixer}]", "model.n_layers=1",
@@ -101,7 +101,7 @@ def _sp_worker(rank, world, port, mixer, extra, ckpt, L, bf16, one_head, out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def peak_sp(mixer, extra, ckpt, L, bf16, one_head=False) -> int:

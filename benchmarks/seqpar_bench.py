@@ -45,7 +45,7 @@ def worker(rank, world, port, T, strategy, q_out):
     from longctx.kernels.cpu import tune_allocator
     from longctx.kernels.flash import flash_attn
     from longctx.parallel.comm import COMM
-    from longctx.parallel.groups import build_mesh
+    from longctx.parallel.groups import build_mesh, shutdown_distributed
     from longctx.parallel.sharding import local_index
     from longctx.parallel.ulysses import sp_attention
     tune_allocator()
@@ -87,7 +87,7 @@ def worker(rank, world, port, T, strategy, q_out):
     dist.all_gather_object(out, res)
     if rank == 0:
         q_out.put(out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def run(P, T, strategy):

@@ -31,7 +31,7 @@ def worker(rank, world, port, T_loc, reps, q_out):
     from longctx.kernels.cpu import tune_allocator
     from longctx.model.lightning import tnl_decay
     from longctx.parallel.comm import COMM
-    from longctx.parallel.groups import SPHandle
+    from longctx.parallel.groups import SPHandle, shutdown_distributed
     from longctx.parallel.state_passing import _RingPrefix, _StatePrefix, _prefix_matrix, lightning_attn_sp
     tune_allocator()
     sp = SPHandle(dist.group.WORLD, rank, world)
@@ -70,7 +70,7 @@ def worker(rank, world, port, T_loc, reps, q_out):
                      "bytes": COMM.total()}
     if rank == world - 1:
         q_out.put(out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def main():

@@ -354,9 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = faults.EXIT_PEER_LOST
     finally:
         try:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            from longctx.parallel.groups import shutdown_distributed
+            shutdown_distributed()
         except Exception:  # noqa: BLE001 - shutting down
             pass
     return code

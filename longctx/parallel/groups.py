@@ -13,8 +13,11 @@ trainer.grad_divisor).
 from __future__ import annotations
 
 import datetime
+import gc
+import inspect
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -79,6 +82,30 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> str:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return launcher
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group and drop the references that would keep one alive, so its
+    threads end now, while Python is fully alive (idempotent; a no-op without a process group).
+
+    Why: a group that outlives destroy_process_group() is freed at interpreter shutdown, where a
+    gloo worker thread dropping the last tensor of a finished collective cannot take the GIL and
+    aborts the process ("terminate called without an active exception", SIGABRT after a run
+    that succeeded: seen in CI on ~5% of 2-rank test processes). Two references outlive it:
+    DeepSpeed, when imported after init_process_group, evaluates `group=GroupMember.WORLD` into
+    the defaults of TorchBackend.barrier / monitored_barrier (both treat None as that group, so
+    None is the same default); and our cache of single-rank groups."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _SELF_GROUPS.clear()
+    ds_torch = sys.modules.get("deepspeed.comm.torch")
+    backend_cls = getattr(ds_torch, "TorchBackend", None)
+    for fn in vars(backend_cls).values() if backend_cls is not None else ():
+        fn = inspect.unwrap(fn) if callable(fn) else None
+        defaults = getattr(fn, "__defaults__", None)
+        if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
+            fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
+    gc.collect()  # a group held only by a reference cycle goes now too
 
 
 @dataclass

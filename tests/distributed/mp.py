@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longctx.parallel.groups import free_port
+from longctx.parallel.groups import free_port, shutdown_distributed
 
 
 
@@ -19,7 +19,7 @@ def _entry(rank, world, port, fn, args, outdir):
         res = fn(rank, world, *args)
         torch.save(res, os.path.join(outdir, f"{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def run_world(world: int, fn, *args):
