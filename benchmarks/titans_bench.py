@@ -11,6 +11,9 @@
    A third variant, 4 x 64 with model.memory.recompute=4096 (pieces checkpointed with the state
    entering them), runs at every length; the two without recompute only up to --plain-max.
 2. Constant per-token cost: tokens/s at the shortest vs the longest length (--long adds 256K, 1M).
+   Ceiling: the matmul FLOPs per token of the peer-shaped memory (counted by FlopCounterMode),
+   this machine's bmm peak in fp32 and bf16, and so the most tokens/s any schedule of those
+   matmuls could reach, beside what 20x the peer needs.
 3. Capacity: store N random (key, value) pairs, d = 64 (unit keys and values, one head, chunk 1,
    no momentum or forgetting, θ fixed), in one pass and in 3 passes over the same pairs; then
    read every key with the final weights.
@@ -83,6 +86,56 @@ def throughput(lengths, peer_max, reps, plain_max):
     return rows
 
 
+def matmul_peak(dtype, reps: int = 20) -> float:
+    """Best FLOP/s of this machine's bmm at the memory's chunk shapes (peer shape: chunk 64,
+    d 256, hidden 1024) and at 2048^3, in `dtype` with the current threads."""
+    best = 0.0
+    for m, k, n in ((64, 256, 1024), (64, 1024, 256), (256, 64, 1024), (2048, 2048, 2048)):
+        a, b = torch.randn(1, m, k, dtype=dtype), torch.randn(1, k, n, dtype=dtype)
+        for _ in range(3):
+            torch.bmm(a, b)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.bmm(a, b)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def ceiling(tp) -> dict:
+    """What the issue's 20x would take, measured: matmul FLOPs per token of our peer-shaped memory
+    forward+backward (torch's FlopCounterMode: mm, bmm, baddbmm, everything the closed form does),
+    the FLOP/s it reaches, and the tokens/s at this machine's matmul peak (fp32 and bf16)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    L = 4096
+    fn, x = ours(1, 4), torch.randn(1, L, 256, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        fn(x).pow(2).mean().backward()
+    per_token = fc.get_total_flops() / L
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    row = max((r for r in tp if "peer" in r), key=lambda r: r["tokens"], default=None)
+    out = {"flops_per_token": per_token, "peak_fp32": peak32, "peak_bf16": peak16,
+           "ceiling_fp32": peak32 / per_token, "ceiling_bf16": peak16 / per_token, "threads": torch.get_num_threads()}
+    if row is not None:
+        out.update(tokens=row["tokens"], ours=row["ours 1x256 e4"], peer=row["peer"], goal=20 * row["peer"],
+                   achieved_flops=row["ours 1x256 e4"] * per_token, goal_flops=20 * row["peer"] * per_token)
+    return out
+
+
+def ceiling_lines(c: dict) -> list:
+    g = 1e9
+    lines = [f"matmul FLOPs per token, ours 1x256 e4 forward+backward: {c['flops_per_token'] / 1e6:.1f} M",
+             f"this machine's bmm peak ({c['threads']} threads): fp32 {c['peak_fp32'] / g:.0f} GFLOP/s, "
+             f"bf16 {c['peak_bf16'] / g:.0f} GFLOP/s -> at most {c['ceiling_fp32']:,.0f} tokens/s in fp32, "
+             f"{c['ceiling_bf16']:,.0f} in bf16 (every FLOP a matmul at peak)"]
+    if "goal" in c:
+        lines.append(f"at {c['tokens']:,} tokens: ours {c['ours']:,.0f} tokens/s = {c['achieved_flops'] / g:.0f} GFLOP/s "
+                     f"({c['achieved_flops'] / c['peak_fp32']:.0%} of the fp32 peak); 20x the peer = {c['goal']:,.0f} "
+                     f"tokens/s needs {c['goal_flops'] / g:.0f} GFLOP/s = {c['goal_flops'] / c['peak_fp32']:.1f}x the fp32 "
+                     f"peak, {c['goal_flops'] / c['peak_bf16']:.1f}x the bf16 peak; the fp32 peak allows "
+                     f"{c['ceiling_fp32'] / c['peer']:.1f}x the peer, the bf16 peak {c['ceiling_bf16'] / c['peer']:.1f}x")
+    return lines
+
+
 def capacity(n_values=(16, 32, 64, 128), d: int = 64, seed: int = 0, passes=(1, 3)):
     rows = []
     for depth, theta, expansion in ((1, 0.5, 1), (2, 0.25, 2)):
@@ -127,6 +180,10 @@ def report(path: str) -> None:
     print()
     for k, v in res["per_token_ratio"].items():
         print(f"- {k}: tokens/s at {v['to']:,} / at {v['from']:,} = {v['ratio']:.2f}")
+    if "ceiling" in res:
+        print()
+        for line in ceiling_lines(res["ceiling"]):
+            print(f"- {line}")
 
 
 def main():
@@ -159,11 +216,15 @@ def main():
         per_token[k] = {"ratio": hi[k] / lo[k], "from": lo["tokens"], "to": hi["tokens"]}
     print("per-token cost: tokens/s at the longest length / at the shortest (1.0 = constant): "
           + ", ".join(f"{k} {v['ratio']:.2f} ({v['to']:,} vs {v['from']:,})" for k, v in per_token.items()))
+    print("ceiling: what 20x the peer would take on this machine")
+    ceil = ceiling(tp)
+    for line in ceiling_lines(ceil):
+        print("  " + line)
     print("capacity: d=64, store N pairs (1 or 3 passes), then recall")
     cap = capacity()
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"throughput": tp, "per_token_ratio": per_token, "capacity": cap}, f, indent=1)
+            json.dump({"throughput": tp, "per_token_ratio": per_token, "ceiling": ceil, "capacity": cap}, f, indent=1)
 
 
 if __name__ == "__main__":
