@@ -40,11 +40,12 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
     python benchmarks/extend_demo.py --report-only --markdown docs/benchmarks.md   # table from the JSON
 
 --markdown writes the printed table into that file (a section between markers, replaced on a
-rerun); every process uses --threads torch threads (2 by default: on this quiet 2-core machine
-the demo took 9.5 min with 2 against 26.6 with 1; use 1 where another job holds a core, as two
-threads per process then ran up to 10x slower). Passkey prompts after the short stage are of
-every length from --passkey-min-len (70) to the window: with prompts that always fill it the
-original never answered at 256 (0 of 20), with varied lengths 5 of 20.
+rerun); every process uses --threads torch threads (2 by default, for a machine no other job
+uses: the recorded run took 9.5 min, its pretraining 322 s, against 26.6 min and 871 s for the
+record before with 1 thread and fixed-length passkey prompts; pass 1 where another job holds a
+core, as two threads per process then ran up to 10x slower). Passkey prompts after the short
+stage are of every length from --passkey-min-len (70) to the window: with prompts that always
+fill it the original never answered at 256 (0 of 20), with varied lengths 5 of 20.
 
 Goals (issue 8): each method's perplexity at 4K within 10% of the original's at 256; passkey
 >= 90% at 4K for yarn and landmark, where the original fails.
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-fraction", type=float, default=0.5, help="share of passkey samples in all training")
     ap.add_argument("--passkey-min-len", type=int, default=70,
                     help="passkey prompts of this many tokens up to the window after the short stage "
-                         "(data.passkey_min_len; 0: every prompt fills the window, as before 2026-11-27)")
+                         "(data.passkey_min_len; 0: every prompt fills the window, the old default)")
     ap.add_argument("--short-steps", type=int, default=600,
                     help="pretraining curriculum: steps at 128 tokens (batch x 2) first, where copying the key is "
                          "learnt sooner; 0: none")

@@ -15,8 +15,8 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
    steps, nor on 70-256 from scratch within 800. Tokens: a word-level tokenizer of the passkey
    vocabulary, digits one token each (written to the work folder; as a subword tokenizer splits
    digits, without the byte-level ambiguity of "sky is " / "key is ").
-   Then, while a model's held-out exact rate at 512 (teacher forced, 64 training-format prompts
-   of a seed no stage trains on) is below --until (0.95), up to --max-rounds more rounds of
+   Then, while a model's held-out exact rate at 512 (teacher forced, 64 prompts filling the
+   window, of a seed no stage trains on) is below --until (0.95), up to --max-rounds more rounds of
    --round-steps (200) on 70-512, each from the last one's weights with a fresh warmup + cosine
    and new prompts (data.seed + round): when copying forms varies from seed to seed (the short
    stage's model copied at 0.56 in one run, 0.80 in another), so a fixed schedule alone leaves
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,14 @@ def train(run_dir: str, overrides: List[str], log: str) -> float:
     return time.perf_counter() - t0
 
 
+def rounds_on_disk(run: str) -> List[str]:
+    """The folders of the more rounds after `run`'s long stage (run-more1, run-more2, ...), in order."""
+    import glob
+    found = [(int(m.group(1)), d) for d in glob.glob(glob.escape(run) + "-more*")
+             if (m := re.fullmatch(r"-more(\d+)", d[len(run):])) and os.path.isdir(d)]
+    return [d for _, d in sorted(found)]
+
+
 def finished(run_dir: str, steps: int) -> bool:
     """run_dir holds a checkpoint at step `steps` (its stage ran to the end)."""
     try:
@@ -117,8 +126,9 @@ def trials(tok, length: int, n: int, seed: int) -> List[dict]:
 
 @torch.no_grad()
 def heldout_exact(run: str, n: int = 64, length: int = 512) -> float:
-    """Share of n held-out training-format prompts of `length` regular tokens (sampler seed
-    987654, never a training seed) whose answer and eos are all the argmax (teacher forcing)."""
+    """Share of n held-out prompts that fill `length` regular tokens (the long stage's window;
+    sampler seed 987654, never a training seed) whose answer and eos are all the argmax (teacher
+    forcing, full attention: the exact grouped softmax for landmark models)."""
     from longctx.train.data import PasskeySampler
     lm, tok, cfg, _ = load_eval_model(run)
     block = int(cfg.model.landmark_block) if "landmark" in list(cfg.model.mixers) else 0
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-steps", type=int, default=700, help="steps of the 70-512-token stage")
     ap.add_argument("--until", type=float, default=0.95,
                     help="after the long stage, train more rounds while the held-out exact rate at 512 "
-                         "(teacher forced, 64 prompts) is below this (0: never)")
+                         "(teacher forced, 64 prompts filling the window) is below this (0: never)")
     ap.add_argument("--round-steps", type=int, default=200, help="steps of one more round (70-512, lr warmup + cosine)")
     ap.add_argument("--max-rounds", type=int, default=3, help="at most this many more rounds per model")
     ap.add_argument("--work", default="runs/passkey-landmark-bench", help="run folders and logs")
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
         targets = {d: stage_steps[st] for d, _, st in plan}
         targets.update({f"{run}-more{r}": args.round_steps for r in range(1, args.max_rounds + 1)})
         chain = args.resume  # kept only while every stage before it is kept (each starts from the last)
-        for d in list(targets) + [f"{run}-more{r}" for r in range(args.max_rounds + 1, 100)]:
+        for d in list(targets) + [x for x in rounds_on_disk(run) if x not in targets]:
             chain = chain and d in targets and finished(d, targets[d])
             if os.path.exists(d) and not chain:
                 shutil.rmtree(d)
@@ -298,13 +308,16 @@ def main(argv=None) -> int:
                           os.path.join(args.work, f"{os.path.basename(d)}.log"))
             print(f"  {secs:.0f} s so far", flush=True)
             prev = d
+        used = max(0, len(checks) - 1)  # one check before each round and one after the last
+        for d in rounds_on_disk(run)[used:]:  # kept (--resume) rounds this run's --until did not ask for
+            shutil.rmtree(d)
         res.setdefault("train_s", {})[name] = round(secs, 1)  # this invocation's training only
         res.setdefault("heldout_exact", {})[name] = checks
         if kept:
             res.setdefault("resumed", {})[name] = kept
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for name, run in runs.items():
-        rounds = [f"{run}-more{r}" for r in range(1, 100) if os.path.isdir(f"{run}-more{r}")]
+        rounds = rounds_on_disk(run)
         lm, tok, cfg, label = load_eval_model(rounds[-1] if rounds else run)
         n_params = sum(p.numel() for p in lm.model.parameters())
         steps = [ckpt.step_of(os.path.basename(ckpt.resolve_folder(r)))

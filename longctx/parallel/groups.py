@@ -18,6 +18,7 @@ import inspect
 import os
 import socket
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -91,21 +92,43 @@ def shutdown_distributed() -> None:
     Why: a group that outlives destroy_process_group() is freed at interpreter shutdown, where a
     gloo worker thread dropping the last tensor of a finished collective cannot take the GIL and
     aborts the process ("terminate called without an active exception", SIGABRT after a run
-    that succeeded: seen in CI on ~5% of 2-rank test processes). Two references outlive it:
-    DeepSpeed, when imported after init_process_group, evaluates `group=GroupMember.WORLD` into
-    the defaults of TorchBackend.barrier / monitored_barrier (both treat None as that group, so
-    None is the same default); and our cache of single-rank groups."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    _SELF_GROUPS.clear()
-    ds_torch = sys.modules.get("deepspeed.comm.torch")
-    backend_cls = getattr(ds_torch, "TorchBackend", None)
-    for fn in vars(backend_cls).values() if backend_cls is not None else ():
-        fn = inspect.unwrap(fn) if callable(fn) else None
-        defaults = getattr(fn, "__defaults__", None)
-        if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
-            fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in defaults)
-    gc.collect()  # a group held only by a reference cycle goes now too
+    that succeeded: seen in CI on ~5% of 2-rank test processes). References that outlive it:
+    our cache of single-rank groups; DeepSpeed's module-level groups (`mpu`, the world clone,
+    data-parallel and expert groups: released as deepspeed.comm.destroy_process_group would);
+    and default arguments `group=group.WORLD` evaluated when their module was imported after
+    init_process_group (torch.distributed.nn's collectives, imported by deepspeed.initialize;
+    DeepSpeed's TorchBackend.barrier): each function takes None as the default group, so None
+    is the same default."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        _SELF_GROUPS.clear()
+        ds_groups = sys.modules.get("deepspeed.utils.groups")
+        release = getattr(ds_groups, "_release_process_group_references", None)
+        if release is not None:
+            release()
+        _drop_group_defaults(("torch.distributed", "deepspeed"))
+        gc.collect()  # a group held only by a reference cycle goes now too
+
+
+def _drop_group_defaults(prefixes) -> None:
+    """Replace ProcessGroup default arguments by None in the functions (and class methods) of
+    the imported modules whose names start with one of `prefixes`."""
+    is_pg = lambda d: isinstance(d, dist.ProcessGroup)  # noqa: E731
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith(prefixes):
+            continue
+        for obj in list(vars(mod).values()):
+            members = vars(obj).values() if isinstance(obj, type) and obj.__module__ == name else (obj,)
+            for fn in members:
+                fn = inspect.unwrap(getattr(fn, "__func__", fn))  # staticmethod / classmethod too
+                if not isinstance(fn, types.FunctionType):
+                    continue
+                if fn.__defaults__ and any(map(is_pg, fn.__defaults__)):
+                    fn.__defaults__ = tuple(None if is_pg(d) else d for d in fn.__defaults__)
+                if fn.__kwdefaults__ and any(map(is_pg, fn.__kwdefaults__.values())):
+                    fn.__kwdefaults__ = {k: None if is_pg(d) else d for k, d in fn.__kwdefaults__.items()}
 
 
 @dataclass
