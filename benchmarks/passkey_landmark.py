@@ -124,22 +124,14 @@ def trials(tok, length: int, n: int, seed: int) -> List[dict]:
     return [retrieval_sample("passkey", tok, seed, length, (i + 0.5) / n, i) for i in range(n)]
 
 
-@torch.no_grad()
 def heldout_exact(run: str, n: int = 64, length: int = 512) -> float:
     """Share of n held-out prompts that fill `length` regular tokens (the long stage's window;
     sampler seed 987654, never a training seed) whose answer and eos are all the argmax (teacher
-    forcing, full attention: the exact grouped softmax for landmark models)."""
-    from longctx.train.data import PasskeySampler
+    forcing, full attention: the exact grouped softmax for landmark models): the sweep's
+    exact_rate on the run's model."""
+    from passkey_sweep import exact_rate
     lm, tok, cfg, _ = load_eval_model(run)
-    block = int(cfg.model.landmark_block) if "landmark" in list(cfg.model.mixers) else 0
-    s = PasskeySampler(tok, length + (length // block if block else 0), n, 987654, landmark_block=block,
-                       landmark_id=tok.landmark_id if block else -1, targets="answer")
-    b = s.batch(0)
-    model = lm.model.eval()
-    h = model.hidden(b["input_ids"], SeqContext(positions=b["positions"]))
-    pred = torch.nn.functional.linear(h, model.head_weight).argmax(-1)
-    lab = b["labels"]
-    return float(((pred == lab) | (lab == -100)).all(-1).double().mean())
+    return exact_rate(lm.model, cfg, tok, length, n, lm.model.head_weight.device)
 
 
 def by_prompt_length(samples: List[dict], batch: int):

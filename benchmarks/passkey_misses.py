@@ -51,9 +51,8 @@ def main(argv=None) -> int:
         phase = np.array([key_phase(s, block) for s in samples])
         print(f"{name} at {L}: {ok.mean():.3f} of {args.trials}; by depth quintile "
               + " / ".join(f"{ok[i].mean():.2f}" for i in q))
-        cells = [f"{lo}-{lo + 3}: {ok[(phase >= lo) & (phase < lo + 4)].mean():.2f} "
-                 f"({int(((phase >= lo) & (phase < lo + 4)).sum())})"
-                 for lo in range(0, block, 4) if ((phase >= lo) & (phase < lo + 4)).any()]
+        bins = {lo: (phase >= lo) & (phase < lo + 4) for lo in range(0, block, 4)}
+        cells = [f"{lo}-{lo + 3}: {ok[m].mean():.2f} ({int(m.sum())})" for lo, m in bins.items() if m.any()]
         print("  by the key's phase in its block (trials): " + ", ".join(cells))
     return 0
 
