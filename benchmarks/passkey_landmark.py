@@ -18,7 +18,8 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
    Then, while a model's held-out exact rate at 512 (teacher forced, 64 prompts filling the
    window, of a seed no stage trains on) is below --until (0.95), up to --max-rounds more rounds of
    --round-steps (200) on 70-512, each from the last one's weights with a fresh warmup + cosine
-   and new prompts (data.seed + round): when copying forms varies from seed to seed (the short
+   and new prompts (every stage and round draws its own: data.seed + 17 x its index; one seed
+   for all would repeat the mid stage's keys and depths in the long stage): when copying forms varies from seed to seed (the short
    stage's model copied at 0.56 in one run, 0.80 in another), so a fixed schedule alone leaves
    some runs short. --resume keeps the stages and rounds that finished in --work.
 2. Evaluate passkey retrieval at each length: `--trials` prompts per length with the key's
@@ -256,7 +257,12 @@ def main(argv=None) -> int:
         if args.reuse:
             continue
         base = common + (PLAIN if name == "plain" else [])
-        plan = [(run + "-" + st, ov[name] + common_ov, st) for st, ov, common_ov in STAGES] + [(run, [], "")]
+        # each stage (and round) its own prompts: data.seed + 17 * its index. With one seed for all
+        # the stages, sample g of the long stage drew the depth and key of the mid stage's sample g
+        # (PasskeySampler: rng = default_rng([seed, g])), so the long stage re-taught known pairs.
+        plan = [(run + "-" + st, ov[name] + common_ov + [f"data.seed={data_seed + 17 * i}"], st)
+                for i, (st, ov, common_ov) in enumerate(STAGES)]
+        plan += [(run, [f"data.seed={data_seed + 17 * len(STAGES)}"], "")]
         targets = {d: stage_steps[st] for d, _, st in plan}
         targets.update({f"{run}-more{r}": args.round_steps for r in range(1, args.max_rounds + 1)})
         chain = args.resume  # kept only while every stage before it is kept (each starts from the last)
@@ -295,7 +301,7 @@ def main(argv=None) -> int:
                 continue
             print(f"training {name}: round {r} of at most {args.max_rounds} more ({args.round_steps} steps) -> {d} ...",
                   flush=True)
-            seed = [f"data.seed={data_seed + r}"]  # new prompts, not the long stage's first ones again
+            seed = [f"data.seed={data_seed + 17 * (len(STAGES) + r)}"]  # new prompts, as each stage
             secs += train(d, base + seed + [f"train.steps={args.round_steps}", f"init.from_checkpoint={prev}"],
                           os.path.join(args.work, f"{os.path.basename(d)}.log"))
             print(f"  {secs:.0f} s so far", flush=True)

@@ -72,6 +72,9 @@ def _v(model: Dict, stages: List[dict], plain: bool = False, seed: int = 0, key_
 
 
 K2 = [stage(128, 32, 600, 3e-3), stage(512, 8, 300, 2e-3)]
+# benchmarks/passkey_landmark.py's three stages (lr 1e-3 throughout, prompts of 70-L after the first)
+BENCH512 = [stage(128, 32, 800, 1e-3), stage(256, 16, 400, 1e-3, min_len=70), stage(512, 8, 700, 1e-3, min_len=70)]
+HALF512 = [stage(128, 16, 800, 1e-3), stage(256, 8, 400, 1e-3, min_len=70), stage(512, 4, 700, 1e-3, min_len=70)]
 
 
 VARIANTS: Dict[str, dict] = {
@@ -128,6 +131,26 @@ VARIANTS: Dict[str, dict] = {
                              save="runs/passkey_sweep/var512-from-var256.pt"),
     "var512-more": _v({}, [stage(512, 8, 400, 1e-3, min_len=70)], init="runs/passkey_sweep/var512-from-var256.pt",
                       save="runs/passkey_sweep/var512-more.pt"),
+    # session 9 (H100): the benchmark's chain from scratch as one variant, its seed-to-seed spread,
+    # shorter chains, and windows of 1024 (batch 4: same tokens per step) for the last stage
+    "b512-s0": _v({}, BENCH512, seed=0),
+    "b512-s1": _v({}, BENCH512, seed=1),
+    "b512-s2": _v({}, BENCH512, seed=2),
+    "b512-2cyc": _v({}, BENCH512[:2] + [stage(512, 8, 300, 1e-3, min_len=70), stage(512, 8, 400, 1e-3, min_len=70)]),
+    "f512": _v({}, [stage(128, 32, 600, 1e-3), stage(256, 16, 300, 1e-3, min_len=70), stage(512, 8, 500, 1e-3, min_len=70)]),
+    "f512-lr2e-3": _v({}, [stage(128, 32, 600, 1e-3), stage(256, 16, 300, 2e-3, min_len=70),
+                           stage(512, 8, 500, 2e-3, min_len=70)]),
+    "b1024": _v({"max_seq_len": 2048}, BENCH512[:2] + [stage(1024, 4, 700, 1e-3, min_len=70)]),
+    "skip-mid": _v({}, [stage(128, 32, 800, 1e-3), stage(512, 8, 1100, 1e-3, min_len=70)]),
+    # cheaper chains: half the tokens per step (half the batch), fewer short or long steps
+    "half-s0": _v({}, HALF512, seed=0),
+    "half-s1": _v({}, HALF512, seed=1),
+    "half-s2": _v({}, HALF512, seed=2),
+    "half-skipmid": _v({}, [stage(128, 16, 800, 1e-3), stage(512, 4, 1100, 1e-3, min_len=70)]),
+    "b512-short600": _v({}, [stage(128, 32, 600, 1e-3)] + BENCH512[1:]),
+    "b512-long500": _v({}, BENCH512[:2] + [stage(512, 8, 500, 1e-3, min_len=70)], seed=1),
+    "plain-b512": _v({}, BENCH512, plain=True),
+    "plain-half": _v({}, HALF512, plain=True),
     "long-mixed": _v({}, [stage(128, 32, 300, 5e-4, warmup=50, mix512=8)], init="runs/passkey_sweep/short-lr1e-3.pt"),
 }
 
@@ -177,8 +200,9 @@ def exact_rate(model, cfg, tok, L: int, n: int, device, batch: int = 32) -> floa
 
 
 def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n_eval: int,
-        retrieval=((2048, 64), (8192, 32))) -> dict:
-    """Train one variant; retrieval: (length, trials) pairs of the final retrieval check."""
+        retrieval=((2048, 64), (8192, 32)), save_dir: str = "") -> dict:
+    """Train one variant; retrieval: (length, trials) pairs of the final retrieval check;
+    save_dir: also write the final weights to save_dir/<name>.pt (variants without their own save)."""
     from longctx.train.data import load_tokenizer
     from longctx.model.transformer import DecoderLM, SeqContext
     torch.manual_seed(variant["seed"])
@@ -239,8 +263,9 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
                 curve.append(row)
                 print(f"{name}: {row}", flush=True)
     out = {"name": name, "variant": variant, "curve": curve}
-    if variant.get("save"):
-        path = os.path.join(ROOT, variant["save"])
+    save = variant.get("save") or (os.path.join(save_dir, name + ".pt") if save_dir else "")
+    if save:
+        path = os.path.join(ROOT, save)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(model.state_dict(), path)
     if not variant["plain"]:
@@ -287,10 +312,10 @@ def table(paths: List[str]) -> str:
 
 
 def _worker(args):
-    name, variant, tok_path, device, eval_every, n_eval, retrieval = args
+    name, variant, tok_path, device, eval_every, n_eval, retrieval, save_dir = args
     torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "2")))
     try:
-        return run(name, variant, tok_path, device, eval_every, n_eval, retrieval)
+        return run(name, variant, tok_path, device, eval_every, n_eval, retrieval, save_dir)
     except Exception as exc:  # a variant's failure is recorded, the sweep goes on
         import traceback
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
@@ -308,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-steps", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
     ap.add_argument("--retrieval", default="2048:64,8192:32", help="LENGTH:TRIALS,... of the final retrieval check")
     ap.add_argument("--out", default="runs/passkey_sweep.json")
+    ap.add_argument("--save-dir", default="", help="write each variant's final weights to DIR/<name>.pt")
     args = ap.parse_args(argv)
     if args.table:
         print(table(args.table))
@@ -329,7 +355,7 @@ def main(argv=None) -> int:
         v = json.loads(json.dumps(VARIANTS[n]))
         for st in v["stages"]:
             st["steps"] = max(1, int(st["steps"] * args.scale_steps))
-        jobs.append((n, v, tok_path, args.device, args.eval_every, args.n_eval, retrieval))
+        jobs.append((n, v, tok_path, args.device, args.eval_every, args.n_eval, retrieval, args.save_dir))
     results = []
     if args.workers <= 1:
         results = [_worker(j) for j in jobs]

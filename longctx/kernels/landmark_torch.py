@@ -28,7 +28,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from longctx.kernels.flash_torch import online_softmax_finish, online_softmax_step
 from longctx.kernels.lightning import pick_backend
 
 Tensor = torch.Tensor
@@ -39,60 +38,83 @@ def landmark_mask(T: int, block: int, device=None) -> Tensor:
     return (torch.arange(T, device=device) % (block + 1)) == block
 
 
-def _tile_scores(qt: Tensor, kt: Tensor, qp: Tensor, ks: int, ke: int, block: int, scale: float):
-    """Modified scores of one (query tile, key tile) pair.
-
-    qt (B, Hkv, G, bq, D) fp; kt (B, Hkv, nk, D) for key positions ks..ke-1, ks a group start.
-    Returns s' (B, Hkv, G, bq, ng, block) (-inf where not attended), the within-group softmax
-    sm (same shape, for earlier groups; 0 elsewhere), the regular-key mask (ng, block) and
-    `earlier` (bq, ng): the group is earlier than the query's own."""
+def _group_ends(T: int, block: int, qe: int) -> int:
+    """End of the keys a query tile ending at qe needs: the end of the group holding qe - 1."""
     W = block + 1
-    nk = ke - ks
-    ng = -(-nk // W)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qt, kt) * scale
-    pad = ng * W - nk
-    if pad:
-        s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
+    return min(T, -(-qe // W) * W)
+
+
+def _tile_weights(qt: Tensor, k: Tensor, qs: int, qe: int, T: int, block: int, scale: float,
+                  lse: Optional[Tensor] = None, keep_e: bool = False):
+    """The attention weights of query rows qs..qe-1 over every regular key they may see, at once.
+
+    qt (B, Hkv, G, bq, D) in the compute dtype; k (B, Hkv, T, D). Keys 0..ke-1 (whole groups up
+    to the query's last group) as ng groups of `block` regular keys. With reg / lm the scores of
+    the regular and landmark keys, e = exp(reg - max_c) and ssum_c = sum_j e (so the
+    within-group softmax is e / ssum_c):
+
+        P_ij = e_ij * exp(lm_c - lse_i) / ssum_c    j in an earlier group c
+        P_ij = exp(s_ij - lse_i)                    j in the query's own group, j <= i
+        lse_i = log(sum_local e^{s_ij} + sum_{c earlier} e^{lm_c})
+
+    Returns P (B, Hkv, G, bq, ng, block), e (keep_e, else None), ssum (.., bq, ng), lm (.., bq, ng),
+    the earlier-group mask (bq, ng), lse (B, Hkv, G, bq) (recomputed unless given) and ke.
+    Memory O(bq * T): the tile's rows against all their keys, no T x T matrix. The full-size
+    steps work in place (on CPU each pass over a fresh tensor also pays for its pages)."""
+    W = block + 1
+    ke = _group_ends(T, block, qe)
+    ng = -(-ke // W)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qt * scale, k[:, :, :ke].to(qt.dtype))
+    if ng * W > ke:
+        s = torch.nn.functional.pad(s, (0, ng * W - ke), value=-math.inf)
     s = s.unflatten(-1, (ng, W))  # (B, Hkv, G, bq, ng, W)
-    reg, lm = s[..., :block], s[..., block]
-    kpos = ks + torch.arange(ng * W, device=qt.device).view(ng, W)[:, :block]  # (ng, block)
-    exists = kpos < ke
-    qg = qp // W  # query's own group
-    kg = (ks // W) + torch.arange(ng, device=qt.device)  # (ng,)
-    earlier = kg[None, :] < qg[:, None]  # (bq, ng)
-    own = kg[None, :] == qg[:, None]
-    causal = kpos[None] <= qp[:, None, None]  # (bq, ng, block)
-    local = own[..., None] & causal & exists[None]
-    # within-group log-sum-exp of an earlier group (complete: every earlier group is whole)
-    lse_c = torch.logsumexp(reg.masked_fill(~exists, -math.inf), dim=-1, keepdim=True)
-    lse_safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
-    sm = torch.exp(reg - lse_safe).masked_fill(~(earlier[..., None] & exists[None]), 0.0)
-    s_mod = torch.where(earlier[..., None], reg - lse_safe + lm[..., None], reg)
-    s_mod = s_mod.masked_fill(~((earlier[..., None] & exists[None]) | local), -math.inf)
-    return s_mod, sm, earlier
+    reg, lm = s[..., :block], s[..., block].clone()
+    pos = torch.arange(qs, qe, device=qt.device)
+    own = pos // W  # (bq,)
+    earlier = torch.arange(ng, device=qt.device)[None, :] < own[:, None]  # (bq, ng)
+    # own group's regular keys, causal (and inside the sequence: the last group may be partial)
+    idx = own.view(1, 1, 1, -1, 1, 1).expand(*reg.shape[:3], -1, 1, block)
+    loc = torch.gather(reg, -2, idx).squeeze(-2)  # (B, Hkv, G, bq, block)
+    kpos = own[:, None] * W + torch.arange(block, device=qt.device)[None, :]  # (bq, block)
+    loc = loc.masked_fill(~((kpos <= pos[:, None]) & (kpos < T)), -math.inf)
+    lmE = lm.masked_fill(~earlier, -math.inf)
+    if lse is None:
+        lse = torch.logsumexp(torch.cat([loc, lmE], dim=-1), dim=-1)
+    # earlier groups: within-group softmax e / ssum (complete groups: every earlier group is whole)
+    mx = reg.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = reg.sub_(mx).exp_()  # in place in s; a strided view
+    ssum = e.sum(-1)
+    coef = torch.exp(lmE - lse[..., None]) / ssum.clamp_min(1e-300)  # 0 for non-earlier groups
+    p = e * coef[..., None] if keep_e else e.mul_(coef[..., None])
+    p.scatter_(-2, idx, torch.exp(loc - lse[..., None]).unsqueeze(-2))  # own group: the local weights
+    return p, (e if keep_e else None), ssum, lm, earlier, lse, ke
 
 
-def _vt(v: Tensor, ks: int, ke: int, block: int, dtype) -> Tensor:
-    """Values of the regular keys of a group-aligned tile: (B, Hkv, ng, block, Dv) (zeros as padding)."""
+def _v_regular(v: Tensor, ke: int, block: int, dtype) -> Tensor:
+    """Values of the regular keys 0..ke-1 as (B, Hkv, ng * block, Dv) (zeros as padding)."""
     W = block + 1
-    x = v[:, :, ks:ke].to(dtype)
-    ng = -(-x.shape[2] // W)
-    pad = ng * W - x.shape[2]
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.unflatten(2, (ng, W))[:, :, :, :block]
+    x = v[:, :, :ke].to(dtype)
+    ng = -(-ke // W)
+    if ng * W > ke:
+        x = torch.nn.functional.pad(x, (0, 0, 0, ng * W - ke))
+    return x.unflatten(2, (ng, W))[:, :, :, :block].flatten(2, 3)
 
 
-def _key_tiles(T: int, block: int, tile: int):
-    W = block + 1
-    step = max(1, tile // W) * W  # whole groups per tile
-    return [(s, min(T, s + step)) for s in range(0, T, step)]
+def _rows_per_tile(B: int, H: int, T: int, tile: Optional[int]) -> int:
+    """Query rows per tile: `tile` if given, else as many as keep one (rows x T) score tensor of
+    all heads near 2^22 elements (a few such tensors live at once; measured on this CPU: 528 tokens
+    x batch 8 x 4 heads runs fastest in one or two tiles)."""
+    if tile is not None:
+        return max(1, int(tile))
+    return max(32, min(T, (1 << 22) // max(1, B * H * T)))
 
 
 def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float,
-                       tile: int = 256) -> Tuple[Tensor, Tensor]:
+                       tile: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv), positions 0..T-1 in groups of
-    block + 1. Returns o (B, H, T, Dv) in q's dtype and lse (B, H, T) of the modified scores."""
+    block + 1. Returns o (B, H, T, Dv) in q's dtype and lse (B, H, T) of the modified scores.
+    tile: query rows per step (None: sized to the batch, _rows_per_tile)."""
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
@@ -100,26 +122,20 @@ def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float
     qg = q.view(B, Hkv, G, T, D)
     o = torch.empty(B, Hkv, G, T, Dv, dtype=cdt, device=q.device)
     lse = torch.empty(B, Hkv, G, T, dtype=cdt, device=q.device)
-    pos = torch.arange(T, device=q.device)
-    for qs in range(0, T, tile):
-        qe = min(T, qs + tile)
-        qt, qp = qg[:, :, :, qs:qe].to(cdt), pos[qs:qe]
-        m = torch.full((B, Hkv, G, qe - qs), -math.inf, dtype=cdt, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(B, Hkv, G, qe - qs, Dv, dtype=cdt, device=q.device)
-        for ks, ke in _key_tiles(T, block, tile):
-            if ks > qe - 1:
-                break
-            s_mod, _, _ = _tile_scores(qt, k[:, :, ks:ke].to(cdt), qp, ks, ke, block, scale)
-            s_mod = s_mod.flatten(-2)  # (B, Hkv, G, bq, ng*block)
-            m, l, acc = online_softmax_step(m, l, acc, s_mod, _vt(v, ks, ke, block, cdt).flatten(2, 3))
-        o[:, :, :, qs:qe], lse[:, :, :, qs:qe] = online_softmax_finish(m, l, acc)
+    rows = _rows_per_tile(B, H, T, tile)
+    for qs in range(0, T, rows):
+        qe = min(T, qs + rows)
+        p, _, _, _, _, lt, ke = _tile_weights(qg[:, :, :, qs:qe].to(cdt), k, qs, qe, T, block, scale)
+        o[:, :, :, qs:qe] = torch.einsum("bhgqk,bhkd->bhgqd", p.flatten(-2), _v_regular(v, ke, block, cdt))
+        lse[:, :, :, qs:qe] = lt
     return o.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)
 
 
 def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block: int,
-                       scale: float, tile: int = 256):
-    """(dq, dk, dv) by recomputing each tile from lse (see the module docstring)."""
+                       scale: float, tile: Optional[int] = None):
+    """(dq, dk, dv) by recomputing each query tile's weights from lse (see the module docstring):
+    with P the weights and dS' = P (dP - rowsum(dO o)), an earlier group's regular keys get
+    dS' - softmax_c * sum_c dS' and its landmark sum_c dS'; own-group keys get dS'."""
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
@@ -129,36 +145,36 @@ def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     dog = do.view(B, Hkv, G, T, Dv).to(cdt)
     lseg = lse.view(B, Hkv, G, T)
     Dterm = (dog * o.view(B, Hkv, G, T, Dv).to(cdt)).sum(-1)
-    dq = torch.zeros(B, Hkv, G, T, D, dtype=cdt, device=q.device)
+    dq = torch.empty(B, Hkv, G, T, D, dtype=cdt, device=q.device)
     dk = torch.zeros(B, Hkv, T, D, dtype=cdt, device=q.device)
     dv = torch.zeros(B, Hkv, T, Dv, dtype=cdt, device=q.device)
-    pos = torch.arange(T, device=q.device)
-    for qs in range(0, T, tile):
-        qe = min(T, qs + tile)
-        qt, qp = qg[:, :, :, qs:qe].to(cdt), pos[qs:qe]
-        lt = lseg[:, :, :, qs:qe]
-        lt = torch.where(torch.isinf(lt), torch.full_like(lt, math.inf), lt)
-        for ks, ke in _key_tiles(T, block, tile):
-            if ks > qe - 1:
-                break
-            kt = k[:, :, ks:ke].to(cdt)
-            s_mod, sm, earlier = _tile_scores(qt, kt, qp, ks, ke, block, scale)
-            ng = s_mod.shape[-2]
-            p = torch.exp(s_mod - lt[..., None, None])  # (B, Hkv, G, bq, ng, block)
-            vt = _vt(v, ks, ke, block, cdt)  # (B, Hkv, ng, block, Dv)
-            dot = dog[:, :, :, qs:qe]
-            dvt = torch.einsum("bhgqcj,bhgqd->bhcjd", p, dot)
-            dp = torch.einsum("bhgqd,bhcjd->bhgqcj", dot, vt)
-            ds_mod = p * (dp - Dterm[:, :, :, qs:qe, None, None])
-            tot = ds_mod.sum(-1)  # (B, Hkv, G, bq, ng): per-group sums (earlier groups only matter)
-            ds_reg = ds_mod - sm * tot[..., None]
-            ds_lm = torch.where(earlier, tot, torch.zeros_like(tot))
-            ds = torch.cat([ds_reg, ds_lm[..., None]], dim=-1).flatten(-2)[..., :ke - ks] * scale  # (.., bq, nk)
-            dq[:, :, :, qs:qe] += torch.einsum("bhgqk,bhkd->bhgqd", ds, kt)
-            dk[:, :, ks:ke] += torch.einsum("bhgqk,bhgqd->bhkd", ds, qt)
-            n = ke - ks
-            dv_full = torch.nn.functional.pad(dvt, (0, 0, 0, 1)).flatten(2, 3)[:, :, :n]  # landmarks: 0
-            dv[:, :, ks:ke] += dv_full
+    rows = _rows_per_tile(B, H, T, tile)
+    for qs in range(0, T, rows):
+        qe = min(T, qs + rows)
+        qt = qg[:, :, :, qs:qe].to(cdt)
+        p, e, ssum, _, earlier, _, ke = _tile_weights(qt, k, qs, qe, T, block, scale, lse=lseg[:, :, :, qs:qe],
+                                                      keep_e=True)
+        ng = p.shape[-2]
+        dot = dog[:, :, :, qs:qe]
+        kr, vr = _v_regular(k, ke, block, cdt), _v_regular(v, ke, block, cdt)  # (B, Hkv, ng * block, D)
+        kl = k[:, :, block:ke:W].to(cdt)  # the landmarks' keys (B, Hkv, ng, D); a partial last group has none
+        if kl.shape[2] < ng:
+            kl = torch.nn.functional.pad(kl, (0, 0, 0, ng - kl.shape[2]))
+        # dS' = P (dP - rowsum(dO o)), in place in dP
+        ds = torch.einsum("bhgqd,bhkd->bhgqk", dot, vr).unflatten(-1, (ng, block))
+        ds.sub_(Dterm[:, :, :, qs:qe, None, None]).mul_(p)
+        tot = ds.sum(-1)  # per-group sums: the landmark's gradient (earlier groups)
+        zero = torch.zeros_like(tot)
+        ds.addcmul_(e, torch.where(earlier, tot / ssum.clamp_min(1e-300), zero)[..., None], value=-1.0)
+        dl = torch.where(earlier, tot, zero)  # (B, Hkv, G, bq, ng)
+        ds = ds.flatten(-2)
+        dq[:, :, :, qs:qe] = (torch.einsum("bhgqk,bhkd->bhgqd", ds, kr) +
+                              torch.einsum("bhgqc,bhcd->bhgqd", dl, kl)) * scale
+        dkr = torch.einsum("bhgqk,bhgqd->bhkd", ds, qt).unflatten(2, (ng, block))
+        dkl = torch.einsum("bhgqc,bhgqd->bhcd", dl, qt)
+        dk[:, :, :ke] += torch.cat([dkr, dkl[:, :, :, None]], dim=3).flatten(2, 3)[:, :, :ke] * scale
+        dvr = torch.einsum("bhgqk,bhgqd->bhkd", p.flatten(-2), dot).unflatten(2, (ng, block))
+        dv[:, :, :ke] += torch.nn.functional.pad(dvr, (0, 0, 0, 1)).flatten(2, 3)[:, :, :ke]  # landmarks: 0
     return dq.view(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -207,9 +223,8 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
                   tile: Optional[int] = None, backend: str = "auto") -> Tensor:
     """Grouped-softmax landmark attention over a whole sequence (positions 0..T-1, a landmark
     at every position p with p % (block + 1) == block). q (B, H, T, D); k, v (B, Hkv, T, D|Dv).
-    Returns (B, H, T, Dv). tile: the torch path's tile (the Triton kernel tiles by `block`); None
-    picks 128 up to T = 2048 (fewer masked pairs) and 256 above (fewer Python steps): on this
-    2-core CPU 128 cuts a 528-token step by ~40% against 256, and 256 wins at 4K.
+    Returns (B, H, T, Dv). tile: the torch path's query rows per step (each against all its keys:
+    memory O(tile * T)); None sizes it to the batch (_rows_per_tile).
     backend: "auto" (the fused Triton kernel for CUDA tensors it supports, else torch), "torch",
     or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1; float16/bfloat16/float32,
     block 16/32/64/128, head dims 16/32/64/128; anything else is a ValueError)."""
@@ -227,9 +242,9 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
         raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     be = _backend(q, k, v, block, backend)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if tile is None:
-        tile = 128 if q.shape[2] <= 2048 else 256
-    return _Landmark.apply(q, k, v, block, sc, int(tile), be)
+    if tile is not None and (not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"tile={tile!r}: expected a positive int (query rows per step) or None")
+    return _Landmark.apply(q, k, v, block, sc, tile, be)
 
 
 def landmark_dense_reference(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float) -> Tensor:
