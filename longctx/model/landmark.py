@@ -132,6 +132,29 @@ def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor) -> torch.Tensor:
     return apply_rope(x_BHLD, cos, sin)
 
 
+def compressed_selection_scores(mixer, q_BHnD: torch.Tensor, dist_n: torch.Tensor, lm_k: torch.Tensor) -> torch.Tensor:
+    """Top-k selection scores with compressed positions: query i (pre-RoPE, (B, H, n, D)) against
+    every landmark key (pre-RoPE, (B, Hkv, C, D)) as if that landmark sat dist_n[i] positions
+    before it. Returns (B, Hkv, G, n, C), unscaled.
+
+    RoPE is a rotation, so the queries turn by the distance and the landmark keys are read as
+    stored (at position 0: only the rotary scaling's attention factor): O(n) rotations per call.
+    Roping every landmark at one shared position instead cost O(C) per call, quadratic in the
+    input length."""
+    B, H, n, D = q_BHnD.shape
+    Hkv = lm_k.shape[1]
+    q_sel = _rope_at(mixer, q_BHnD, dist_n) * _rope_gain(mixer, q_BHnD.dtype, q_BHnD.device)
+    return torch.einsum("bhgqd,bhcd->bhgqc", q_sel.view(B, Hkv, H // Hkv, n, D), lm_k)
+
+
+def _rope_gain(mixer, dtype, device) -> torch.Tensor:
+    """The rotary embedding's gain (cos at position 0: 1, or YaRN's attention factor), a scalar."""
+    from longctx.model.transformer import SeqContext
+    cos, _ = SeqContext(positions=torch.zeros(1, 1, dtype=torch.long, device=device)).rope(
+        mixer.head_dim, mixer.rope_theta, dtype, mixer.rope_scaling)
+    return cos.reshape(-1)[0]
+
+
 def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: LandmarkCache) -> torch.Tensor:
     """Attention for n new tokens (all in one group, positions cache.next_pos...) against the
     open group, the local window (the latest cache.local_groups groups) and the top-k older
@@ -170,12 +193,12 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
     if n_sel:
         lmk = cache.stacked("lm_k")  # (B, Hkv, Gr, D)
         Gr = lmk.shape[2]
+        old = Gr - n_loc  # the groups top-k chooses from; the local window's are not scored
         if cache.compressed:  # select by content: every landmark scored at one relative distance
-            lm_sel_pos = torch.full((Gr,), base - 1)
+            s_sel = compressed_selection_scores(mixer, q, pos - g0 + 1, lmk[:, :, :old]).amax(3)
         else:
             lm_sel_pos = torch.arange(Gr) * W + blk
-        old = Gr - n_loc  # the groups top-k chooses from; the local window's are not scored
-        s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
+            s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]

@@ -140,3 +140,28 @@ def test_bad_use():
     s.pos = 0  # out of order
     with pytest.raises(ValueError, match="expects position 3"):
         s.feed(stream_ids(3))
+
+
+@pytest.mark.parametrize("extra", [(), YARN], ids=["rope", "yarn"])
+def test_compressed_selection_scores_equal_roped_landmarks(extra):
+    """Selection with compressed positions scores every landmark as if it sat at base - 1: the
+    rotated-query form equals roping the landmarks there and the queries at their positions."""
+    from longctx.model.landmark import _rope_at, compressed_selection_scores
+    mixer = model("[landmark]", extra).layers[0].mixer
+    torch.manual_seed(1)
+    B, n, C, base = 2, 4, 7, 30
+    q = torch.randn(B, mixer.n_heads, n, mixer.head_dim, dtype=torch.float64)
+    lm = torch.randn(B, mixer.n_kv_heads, C, mixer.head_dim, dtype=torch.float64)
+    q_pos = base + torch.arange(n)
+    got = compressed_selection_scores(mixer, q, q_pos - (base - 1), lm)
+    G = mixer.n_heads // mixer.n_kv_heads
+    qr = _rope_at(mixer, q, q_pos).view(B, mixer.n_kv_heads, G, n, -1)
+    kr = _rope_at(mixer, lm, torch.full((C,), base - 1))
+    want = torch.einsum("bhgqd,bhcd->bhgqc", qr, kr)
+    assert got.shape == want.shape == (B, mixer.n_kv_heads, G, n, C)
+    # equal up to the rounding of RoPE's cos / sin tables, which are computed in float32 (angles
+    # of up to ~33 rad: ~2e-6 rad of error each)
+    assert torch.allclose(got, want, atol=2e-5 * float(want.abs().max()), rtol=0)
+    # and not by accident: scoring at another distance gives other scores
+    off = compressed_selection_scores(mixer, q, q_pos - (base - 3), lm)
+    assert not torch.allclose(off, want, atol=1e-2 * float(want.abs().max()), rtol=0)
