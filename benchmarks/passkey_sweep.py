@@ -291,7 +291,7 @@ def table(paths: List[str]) -> str:
     """The markdown table of finished variants in sweep JSONs (each a list of results, or a dict
     whose list values are; 'machine' names the device, shown as H100 or CPU)."""
     lines = ["| variant | model | where | steps, first stage | exact@128 after it | steps, all | exact@512 | "
-             "exact@2K (full) | retrieval@2K (k=4) |", "|---" * 9 + "|"]
+             "exact@2K (full) | retrieval@2K (k=4) | retrieval@8K (k=4) |", "|---" * 10 + "|"]
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -302,12 +302,13 @@ def table(paths: List[str]) -> str:
                 continue
             cv = r["curve"]
             first, last = [x for x in cv if x["stage"] == 0][-1], cv[-1]
-            e128, ret = first.get("exact128"), r.get("retrieval2048")
+            e128, ret, ret8 = first.get("exact128"), r.get("retrieval2048"), r.get("retrieval8192")
             fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
             win = r.get("retrieval_local_groups")  # recorded from the local window's introduction on
             lines.append(f"| {r['name']} | {'plain' if r['variant']['plain'] else 'landmark'} | {where} | "
                          f"{first['step']} | {fmt(e128)} | {last['step']} | {last['exact512']:.2f} | "
-                         f"{last['exact2048']:.2f} | {fmt(ret)}{f' (window {win})' if win and ret is not None else ''} |")
+                         f"{last['exact2048']:.2f} | {fmt(ret)}{f' (window {win})' if win and ret is not None else ''} | "
+                         f"{fmt(ret8)} |")
     return "\n".join(lines)
 
 
