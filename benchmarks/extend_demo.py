@@ -41,9 +41,9 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
 
 --markdown writes the printed table into that file (a section between markers, replaced on a
 rerun); every process uses --threads torch threads (2 by default, for a machine no other job
-uses: the recorded run took 9.5 min, its pretraining 322 s, against 26.6 min and 871 s for the
-record before with 1 thread and fixed-length passkey prompts; pass 1 where another job holds a
-core, as two threads per process then ran up to 10x slower). Passkey prompts after the short
+uses: the recorded run took 14.0 min, its pretraining 397 s; an older record with 1 thread and
+fixed-length passkey prompts took 26.6 min; pass 1 where another job holds a core, as two
+threads per process then ran up to 10x slower). Passkey prompts after the short
 stage are of every length from --passkey-min-len (70) to the window: with prompts that always
 fill it the original never answered at 256 (0 of 20), with varied lengths 5 of 20.
 
@@ -391,16 +391,19 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-min-len", type=int, default=70,
                     help="passkey prompts of this many tokens up to the window after the short stage "
                          "(data.passkey_min_len; 0: every prompt fills the window, the old default)")
-    ap.add_argument("--short-steps", type=int, default=600,
+    ap.add_argument("--short-steps", type=int, default=800,
                     help="pretraining curriculum: steps at 128 tokens (batch x 2) first, where copying the key is "
                          "learnt sooner; 0: none")
     ap.add_argument("--short-passkey-fraction", type=float, default=1.0,
                     help="share of passkey samples in the 128-token stage (1: passkey only, the lead's recipe of "
                          "benchmarks/passkey_landmark.py)")
-    ap.add_argument("--pretrain-steps", type=int, default=250, help="steps at 256 tokens")
+    ap.add_argument("--short-lr", type=float, default=1e-3,
+                    help="learning rate of the 128-token stage; benchmarks/passkey_sweep.py found "
+                         "copying forms sooner at 1e-3 than at 3e-3 for the 3-layer passkey model")
+    ap.add_argument("--pretrain-steps", type=int, default=400, help="steps at 256 tokens")
     ap.add_argument("--train-chars", type=int, default=8_000_000, help="characters of training corpus")
-    ap.add_argument("--steps-yarn", type=int, default=30)
-    ap.add_argument("--steps-landmark", type=int, default=120)
+    ap.add_argument("--steps-yarn", type=int, default=100)
+    ap.add_argument("--steps-landmark", type=int, default=400)
     ap.add_argument("--steps-hybrid", type=int, default=60)
     ap.add_argument("--hybrid-train-len", type=int, default=1024,
                     help="hybrid LM fine-tune length (rope set for 4K; lightning layers have no length limit)")
@@ -454,7 +457,8 @@ def main(argv=None) -> int:
         short["data"].update(seq_len=L0 // 2, micro_batch_size=2 * args.batch,
                              passkey_fraction=args.short_passkey_fraction, passkey_min_len=0)
         # constant learning rate after warm-up: with a cosine decay over this stage, copying emerged later
-        short["train"].update(run_dir=os.path.join(work, "pretrain-short"), steps=args.short_steps, min_lr_ratio=1.0)
+        short["train"].update(run_dir=os.path.join(work, "pretrain-short"), steps=args.short_steps, min_lr_ratio=1.0,
+                              lr=args.lr if args.short_lr is None else args.short_lr)
         short["checkpoint"]["every"] = args.short_steps
         say(f"pretraining, stage 1: {args.short_steps} steps at {L0 // 2} tokens x {2 * args.batch} ...")
         train(short, work, "pretrain-short")

@@ -18,10 +18,10 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
    Then, while a model's held-out exact rate at 512 (teacher forced, 64 prompts filling the
    window, of a seed no stage trains on) is below --until (0.95), up to --max-rounds more rounds of
    --round-steps (200) on 70-512, each from the last one's weights with a fresh warmup + cosine
-   and new prompts (every stage and round draws its own: data.seed + 17 x its index; one seed
-   for all would repeat the mid stage's keys and depths in the long stage): when copying forms varies from seed to seed (the short
-   stage's model copied at 0.56 in one run, 0.80 in another), so a fixed schedule alone leaves
-   some runs short. --resume keeps the stages and rounds that finished in --work.
+   and new prompts. Every stage and round draws its own prompts (data.seed + 17 x its index;
+   one seed for all made the long stage repeat the mid stage's keys and depths). Copying forms
+   at a step that varies from seed to seed (the short stage's model copied at 0.56 in one run,
+   0.80 in another), so a fixed schedule alone can leave a run short. --resume keeps the stages and rounds that finished in --work.
 2. Evaluate passkey retrieval at each length: `--trials` prompts per length with the key's
    depth spread uniformly over [0, 1] (trial i at depth (i + 0.5) / trials; key, filler count
    and prompt from longctx.eval.tasks.retrieval_sample, as `longctx eval` draws them).
@@ -112,11 +112,14 @@ def rounds_on_disk(run: str) -> List[str]:
     return [d for _, d in sorted(found)]
 
 
-def finished(run_dir: str, steps: int) -> bool:
-    """run_dir holds a checkpoint at step `steps` (its stage ran to the end)."""
+def finished(run_dir: str, steps: int, seed: int) -> bool:
+    """run_dir holds a checkpoint at step `steps` (its stage ran to the end) of a run whose
+    config.yaml has data.seed == seed (a folder of another seed scheme is not this stage)."""
     try:
-        return ckpt.step_of(os.path.basename(ckpt.resolve_folder(run_dir))) == steps
-    except Exception:  # noqa: BLE001 - no checkpoint, or an unreadable one: not finished
+        from omegaconf import OmegaConf
+        return (ckpt.step_of(os.path.basename(ckpt.resolve_folder(run_dir))) == steps
+                and int(OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.seed) == seed)
+    except Exception:  # noqa: BLE001 - no checkpoint or config, or an unreadable one: not finished
         return False
 
 
@@ -253,6 +256,13 @@ def main(argv=None) -> int:
     stage_steps = {"short": args.short_steps, "mid": args.mid_steps, "": args.long_steps}
     from longctx.config import load_config
     data_seed = int(load_config(CONFIG).data.seed)
+
+    def stage_seed(i: int) -> int:
+        """data.seed of stage i (0 short, 1 mid, 2 long, 2 + r round r): each its own prompts."""
+        return data_seed + 17 * i
+
+    res["stage_seeds"] = {"short": stage_seed(0), "mid": stage_seed(1), "long": stage_seed(2),
+                          "round r": f"{data_seed} + 17 * (2 + r)"}
     for name, run in runs.items():
         if args.reuse:
             continue
@@ -260,14 +270,15 @@ def main(argv=None) -> int:
         # each stage (and round) its own prompts: data.seed + 17 * its index. With one seed for all
         # the stages, sample g of the long stage drew the depth and key of the mid stage's sample g
         # (PasskeySampler: rng = default_rng([seed, g])), so the long stage re-taught known pairs.
-        plan = [(run + "-" + st, ov[name] + common_ov + [f"data.seed={data_seed + 17 * i}"], st)
+        plan = [(run + "-" + st, ov[name] + common_ov + [f"data.seed={stage_seed(i)}"], st)
                 for i, (st, ov, common_ov) in enumerate(STAGES)]
-        plan += [(run, [f"data.seed={data_seed + 17 * len(STAGES)}"], "")]
-        targets = {d: stage_steps[st] for d, _, st in plan}
-        targets.update({f"{run}-more{r}": args.round_steps for r in range(1, args.max_rounds + 1)})
+        plan += [(run, [f"data.seed={stage_seed(len(STAGES))}"], "")]
+        targets = {d: (stage_steps[st], stage_seed(i)) for i, (d, _, st) in enumerate(plan)}
+        targets.update({f"{run}-more{r}": (args.round_steps, stage_seed(len(STAGES) + r))
+                        for r in range(1, args.max_rounds + 1)})
         chain = args.resume  # kept only while every stage before it is kept (each starts from the last)
         for d in list(targets) + [x for x in rounds_on_disk(run) if x not in targets]:
-            chain = chain and d in targets and finished(d, targets[d])
+            chain = chain and d in targets and finished(d, *targets[d])
             if os.path.exists(d) and not chain:
                 shutil.rmtree(d)
         secs, prev, checks, kept = 0.0, None, [], []
@@ -301,7 +312,7 @@ def main(argv=None) -> int:
                 continue
             print(f"training {name}: round {r} of at most {args.max_rounds} more ({args.round_steps} steps) -> {d} ...",
                   flush=True)
-            seed = [f"data.seed={data_seed + 17 * (len(STAGES) + r)}"]  # new prompts, as each stage
+            seed = [f"data.seed={stage_seed(len(STAGES) + r)}"]  # new prompts, as each stage
             secs += train(d, base + seed + [f"train.steps={args.round_steps}", f"init.from_checkpoint={prev}"],
                           os.path.join(args.work, f"{os.path.basename(d)}.log"))
             print(f"  {secs:.0f} s so far", flush=True)

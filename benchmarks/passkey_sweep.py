@@ -263,7 +263,7 @@ def run(name: str, variant: dict, tok_path: str, device: str, eval_every: int, n
                 curve.append(row)
                 print(f"{name}: {row}", flush=True)
     out = {"name": name, "variant": variant, "curve": curve}
-    save = variant.get("save") or (os.path.join(save_dir, name + ".pt") if save_dir else "")
+    save = variant.get("save") or (os.path.join(os.path.abspath(save_dir), name + ".pt") if save_dir else "")
     if save:
         path = os.path.join(ROOT, save)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,5 +1,5 @@
-"""Landmark attention's grouped softmax (Mohtashami & Jaggi, 2023), tile by tile in torch:
-the CPU path and the specification the fused kernel is tested against.
+"""Landmark attention's grouped softmax (Mohtashami & Jaggi, 2023) in torch, a tile of query
+rows at a time: the CPU path and the specification the fused kernel is tested against.
 
 Layout: positions come in groups of block + 1: `block` regular tokens, then the group's
 landmark token (position p is a landmark when p % (block + 1) == block; its group is
@@ -14,8 +14,11 @@ p // (block + 1)). For a query i in group b:
 (i's own landmark is excluded: for a regular i it lies in the future, for a landmark i it is i.)
 Equivalently o_i is an ordinary softmax over modified scores s'_ij = s_ij for local j and
 s'_ij = s_ij - lse_c(s_i) + s_i,L(c) for j in an earlier group c, because sum_{j in c}
-e^{s'_ij} = e^{s_i,L(c)}. So the computation is flash attention whose key tiles hold whole groups:
-each tile gives the per-group lse and landmark score it needs, nothing T x T is ever formed.
+e^{s'_ij} = e^{s_i,L(c)}. The Triton kernel runs it as flash attention whose key tiles hold
+whole groups (each tile gives the per-group lse and landmark score it needs). This path takes a
+tile of query rows against all the keys they may see at once (_tile_weights): memory
+O(rows x T) per tile, no T x T matrix; the within-group softmax and the landmark weights are
+then elementwise factors of one weight matrix per tile.
 
 Backward, with P' = softmax(s') and dS' = P' (dP' - rowsum(dO o)): for j in an earlier group c,
 dS_ij = dS'_ij - softmax_c(s_i)_j * sum_{j' in c} dS'_ij' and dS_i,L(c) = sum_{j in c} dS'_ij;
@@ -24,6 +27,7 @@ local j: dS_ij = dS'_ij.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -85,7 +89,10 @@ def _tile_weights(qt: Tensor, k: Tensor, qs: int, qe: int, T: int, block: int, s
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     e = reg.sub_(mx).exp_()  # in place in s; a strided view
     ssum = e.sum(-1)
-    coef = torch.exp(lmE - lse[..., None]) / ssum.clamp_min(1e-300)  # 0 for non-earlier groups
+    # ssum >= 1 (the group's max contributes e^0) unless every score of the group is -inf (only
+    # with infinite inputs): clamped so that such a group gets weight 0, not NaN
+    tiny = torch.finfo(ssum.dtype).tiny
+    coef = torch.exp(lmE - lse[..., None]) / ssum.clamp_min(tiny)  # 0 for non-earlier groups
     p = e * coef[..., None] if keep_e else e.mul_(coef[..., None])
     p.scatter_(-2, idx, torch.exp(loc - lse[..., None]).unsqueeze(-2))  # own group: the local weights
     return p, (e if keep_e else None), ssum, lm, earlier, lse, ke
@@ -103,13 +110,16 @@ def _v_regular(v: Tensor, ke: int, block: int, dtype) -> Tensor:
 
 def _rows_per_tile(B: int, H: int, T: int, tile: Optional[int]) -> int:
     """Query rows per tile: `tile` if given, else as many as keep one (rows x T) score tensor of
-    all heads near 2^22 elements (a few such tensors live at once; measured on this CPU: 528 tokens
-    x batch 8 x 4 heads runs fastest in one or two tiles)."""
+    all heads near 2^22 elements (measured on this CPU: 528 tokens x batch 8 x 4 heads runs
+    fastest in one to three tiles), and at least 16 (fewer Python steps). The backward holds ~4
+    such tensors at once: peak ~16 x rows x B x H x T bytes in fp32 (B = 1, H = 32, T = 128K:
+    16 rows, ~1 GiB)."""
     if tile is not None:
         return max(1, int(tile))
-    return max(32, min(T, (1 << 22) // max(1, B * H * T)))
+    return max(16, min(T, (1 << 22) // max(1, B * H * T)))
 
 
+@torch.no_grad()  # in-place steps: not differentiable by autograd (the backward is below)
 def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float,
                        tile: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv), positions 0..T-1 in groups of
@@ -131,6 +141,7 @@ def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float
     return o.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)
 
 
+@torch.no_grad()
 def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block: int,
                        scale: float, tile: Optional[int] = None):
     """(dq, dk, dv) by recomputing each query tile's weights from lse (see the module docstring):
@@ -165,7 +176,7 @@ def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
         ds.sub_(Dterm[:, :, :, qs:qe, None, None]).mul_(p)
         tot = ds.sum(-1)  # per-group sums: the landmark's gradient (earlier groups)
         zero = torch.zeros_like(tot)
-        ds.addcmul_(e, torch.where(earlier, tot / ssum.clamp_min(1e-300), zero)[..., None], value=-1.0)
+        ds.addcmul_(e, torch.where(earlier, tot / ssum.clamp_min(torch.finfo(cdt).tiny), zero)[..., None], value=-1.0)
         dl = torch.where(earlier, tot, zero)  # (B, Hkv, G, bq, ng)
         ds = ds.flatten(-2)
         dq[:, :, :, qs:qe] = (torch.einsum("bhgqk,bhkd->bhgqd", ds, kr) +
@@ -224,7 +235,8 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
     """Grouped-softmax landmark attention over a whole sequence (positions 0..T-1, a landmark
     at every position p with p % (block + 1) == block). q (B, H, T, D); k, v (B, Hkv, T, D|Dv).
     Returns (B, H, T, Dv). tile: the torch path's query rows per step (each against all its keys:
-    memory O(tile * T)); None sizes it to the batch (_rows_per_tile).
+    memory O(tile * T), peak ~16 x tile x B x H x T bytes in fp32); None sizes it to the batch
+    (_rows_per_tile).
     backend: "auto" (the fused Triton kernel for CUDA tensors it supports, else torch), "torch",
     or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1; float16/bfloat16/float32,
     block 16/32/64/128, head dims 16/32/64/128; anything else is a ValueError)."""
@@ -242,8 +254,10 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
         raise ValueError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     be = _backend(q, k, v, block, backend)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if tile is not None and (not isinstance(tile, int) or tile < 1):
-        raise ValueError(f"tile={tile!r}: expected a positive int (query rows per step) or None")
+    if tile is not None:
+        if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
+            raise ValueError(f"tile={tile!r}: expected a positive int (query rows per step) or None")
+        tile = int(tile)
     return _Landmark.apply(q, k, v, block, sc, tile, be)
 
 

@@ -12,6 +12,8 @@ from longctx.kernels.landmark_torch import landmark_attn, landmark_dense_referen
     (40, 4, 10, 4, 2),    # GQA, tiles of 2 groups of 5
     (17, 16, 8, 2, 2),    # a tile smaller than a group: one group per tile
     (31, 2, 256, 2, 1),   # everything in one tile
+    (23, 3, 6, 2, 1),     # tiles start mid-group with earlier groups before them
+    (14, 3, 1, 4, 2),     # one query row per tile, GQA
     (12, 1, 4, 1, 1),     # one regular token per landmark
 ])
 def test_matches_paper_formula(T, block, tile, H, Hkv):
