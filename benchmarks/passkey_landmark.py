@@ -21,7 +21,8 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
    and new prompts. Every stage and round draws its own prompts (data.seed + 17 x its index;
    one seed for all made the long stage repeat the mid stage's keys and depths). Copying forms
    at a step that varies from seed to seed (the short stage's model copied at 0.56 in one run,
-   0.80 in another), so a fixed schedule alone can leave a run short. --resume keeps the stages and rounds that finished in --work.
+   0.80 in another), so a fixed schedule alone can leave a run short. --resume keeps the stages
+   and rounds that finished in --work.
 2. Evaluate passkey retrieval at each length: `--trials` prompts per length with the key's
    depth spread uniformly over [0, 1] (trial i at depth (i + 0.5) / trials; key, filler count
    and prompt from longctx.eval.tasks.retrieval_sample, as `longctx eval` draws them).

@@ -61,8 +61,8 @@ def _tile_weights(qt: Tensor, k: Tensor, qs: int, qe: int, T: int, block: int, s
         P_ij = exp(s_ij - lse_i)                    j in the query's own group, j <= i
         lse_i = log(sum_local e^{s_ij} + sum_{c earlier} e^{lm_c})
 
-    Returns P (B, Hkv, G, bq, ng, block), e (keep_e, else None), ssum (.., bq, ng), lm (.., bq, ng),
-    the earlier-group mask (bq, ng), lse (B, Hkv, G, bq) (recomputed unless given) and ke.
+    Returns P (B, Hkv, G, bq, ng, block), e (keep_e, else None), ssum (.., bq, ng), the
+    earlier-group mask (bq, ng), lse (B, Hkv, G, bq) (recomputed unless given) and ke.
     Memory O(bq * T): the tile's rows against all their keys, no T x T matrix. The full-size
     steps work in place (on CPU each pass over a fresh tensor also pays for its pages)."""
     W = block + 1
@@ -72,7 +72,7 @@ def _tile_weights(qt: Tensor, k: Tensor, qs: int, qe: int, T: int, block: int, s
     if ng * W > ke:
         s = torch.nn.functional.pad(s, (0, ng * W - ke), value=-math.inf)
     s = s.unflatten(-1, (ng, W))  # (B, Hkv, G, bq, ng, W)
-    reg, lm = s[..., :block], s[..., block].clone()
+    reg, lm = s[..., :block], s[..., block]  # views; the in-place steps below touch reg only
     pos = torch.arange(qs, qe, device=qt.device)
     own = pos // W  # (bq,)
     earlier = torch.arange(ng, device=qt.device)[None, :] < own[:, None]  # (bq, ng)
@@ -95,7 +95,7 @@ def _tile_weights(qt: Tensor, k: Tensor, qs: int, qe: int, T: int, block: int, s
     coef = torch.exp(lmE - lse[..., None]) / ssum.clamp_min(tiny)  # 0 for non-earlier groups
     p = e * coef[..., None] if keep_e else e.mul_(coef[..., None])
     p.scatter_(-2, idx, torch.exp(loc - lse[..., None]).unsqueeze(-2))  # own group: the local weights
-    return p, (e if keep_e else None), ssum, lm, earlier, lse, ke
+    return p, (e if keep_e else None), ssum, earlier, lse, ke
 
 
 def _v_regular(v: Tensor, ke: int, block: int, dtype) -> Tensor:
@@ -135,7 +135,7 @@ def landmark_fwd_torch(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float
     rows = _rows_per_tile(B, H, T, tile)
     for qs in range(0, T, rows):
         qe = min(T, qs + rows)
-        p, _, _, _, _, lt, ke = _tile_weights(qg[:, :, :, qs:qe].to(cdt), k, qs, qe, T, block, scale)
+        p, _, _, _, lt, ke = _tile_weights(qg[:, :, :, qs:qe].to(cdt), k, qs, qe, T, block, scale)
         o[:, :, :, qs:qe] = torch.einsum("bhgqk,bhkd->bhgqd", p.flatten(-2), _v_regular(v, ke, block, cdt))
         lse[:, :, :, qs:qe] = lt
     return o.view(B, H, T, Dv).to(q.dtype), lse.view(B, H, T)
@@ -163,8 +163,8 @@ def landmark_bwd_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     for qs in range(0, T, rows):
         qe = min(T, qs + rows)
         qt = qg[:, :, :, qs:qe].to(cdt)
-        p, e, ssum, _, earlier, _, ke = _tile_weights(qt, k, qs, qe, T, block, scale, lse=lseg[:, :, :, qs:qe],
-                                                      keep_e=True)
+        p, e, ssum, earlier, _, ke = _tile_weights(qt, k, qs, qe, T, block, scale, lse=lseg[:, :, :, qs:qe],
+                                                   keep_e=True)
         ng = p.shape[-2]
         dot = dog[:, :, :, qs:qe]
         kr, vr = _v_regular(k, ke, block, cdt), _v_regular(v, ke, block, cdt)  # (B, Hkv, ng * block, D)

@@ -141,9 +141,9 @@ def compressed_selection_scores(mixer, q_BHnD: torch.Tensor, dist_n: torch.Tenso
     stored (at position 0: only the rotary scaling's attention factor): O(n) rotations per call.
     Roping every landmark at one shared position instead cost O(C) per call, quadratic in the
     input length. Dynamic NTK picks its frequencies from the largest position it is given: here
-    the distances (at most one group), so plain RoPE's; the roped form used those of the
-    compressed positions, which differ only once the selected groups span more than the
-    original context (they never did in q and k alike: q and k got different lengths there)."""
+    a distance of at most one group, so plain RoPE's frequencies; the roped form took them from
+    the compressed positions (different ones for q and k), which differs only once the selected
+    groups span more than the original context."""
     B, H, n, D = q_BHnD.shape
     Hkv = lm_k.shape[1]
     q_sel = _rope_at(mixer, q_BHnD, dist_n) * _rope_gain(mixer, q_BHnD.dtype, q_BHnD.device)
