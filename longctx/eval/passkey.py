@@ -63,28 +63,43 @@ def passkey_prompt(rng: np.random.Generator, n_filler: int, depth: float) -> Tup
     return build_prompt(passkey, n_filler, depth), passkey
 
 
-def _n_tokens(tokenizer, passkey: int, n_filler: int, depth: float) -> int:
+def _n_tokens(tokenizer, passkey: int, n_filler: int, depth: float, answer_len: Optional[int] = None) -> int:
     """Tokens needed for prompt + answer with `n_filler` fillers.
 
     Both the joint encoding and the separate prompt/answer encodings are counted (their max),
     because the sampler concatenates the separate ones and a subword tokenizer may merge
-    differently across the boundary.
+    differently across the boundary. answer_len: the answer's own token count, if known.
     """
     prompt = build_prompt(passkey, n_filler, depth)
     answer = " " + str(passkey)
     joint = len(tokenizer.encode(prompt + answer))
-    separate = len(tokenizer.encode(prompt)) + len(tokenizer.encode(answer))
-    return max(joint, separate)
+    if answer_len is None:
+        answer_len = len(tokenizer.encode(answer))
+    return max(joint, len(tokenizer.encode(prompt)) + answer_len)
 
 
 def _max_fillers(tokenizer, passkey: int, length: int, depth: float) -> int:
-    """Largest n_filler whose prompt + answer fits in `length` tokens (>= 0; caller checks 0)."""
-    fits = lambda n: _n_tokens(tokenizer, passkey, n, depth) <= length  # noqa: E731
-    # Start from an estimate (tokens per filler) so the doubling/bisection needs few encodes.
+    """Largest n_filler whose prompt + answer fits in `length` tokens; the caller has checked
+    that 0 fillers fit.
+
+    Token counts grow with the filler count, so the largest fitting count is one number; the
+    search starts at the guess (length - tokens without filler) // tokens per filler, exact for
+    a tokenizer that encodes every filler alike (word-level, bytes), where two checks confirm
+    it (a training batch draws many prompts: a bisection from 0 encoded ~3x as many), then
+    widens by doubling steps and bisects (subword tokenizers may merge across fillers)."""
+    answer_len = len(tokenizer.encode(" " + str(passkey)))
+    fits = lambda n: _n_tokens(tokenizer, passkey, n, depth, answer_len) <= length  # noqa: E731
     per_filler = max(1, len(tokenizer.encode(" " + FILLER)))
-    lo, hi = 0, max(1, length // per_filler)
-    while fits(hi):  # grow until hi does not fit; lo always fits
-        lo, hi = hi, hi * 2
+    guess = max(0, (length - _n_tokens(tokenizer, passkey, 0, depth, answer_len)) // per_filler)
+    step = 1
+    if fits(guess):  # lo fits, hi does not
+        lo, hi = guess, guess + 1
+        while fits(hi):
+            lo, hi, step = hi, hi + 2 * step, 2 * step
+    else:  # guess >= 1 here, as 0 fits
+        lo, hi = guess - 1, guess
+        while not fits(lo):
+            lo, hi, step = max(0, lo - 2 * step), lo, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
@@ -103,8 +118,8 @@ def passkey_sample(tokenizer, rng: np.random.Generator, length: int, depth: floa
     """
     depth = _check_depth(depth)
     passkey = _draw_passkey(rng)
-    if _n_tokens(tokenizer, passkey, 0, depth) > length:
-        need = _n_tokens(tokenizer, passkey, 0, depth)
+    need = _n_tokens(tokenizer, passkey, 0, depth)
+    if need > length:
         raise ValueError(f"length={length} cannot hold a passkey prompt even with zero fillers "
                          f"({need} tokens needed): use length >= {need}")
     n_filler = _max_fillers(tokenizer, passkey, length, depth)

@@ -354,6 +354,47 @@ def test_passkey_sample_fills_length():
         pk.passkey_sample(TOK, rng, 50, 0.3)
 
 
+class _CurvedTokenizer:
+    """Token counts that grow with the filler count but not in proportion (monotone): the filler
+    search's first guess is too high for long prompts ("curved": each filler costs more the more
+    there are) or too low ("flat": fillers after the first cost less, as a subword tokenizer's
+    merges)."""
+
+    def __init__(self, curved: bool):
+        self.curved = curved
+
+    def encode(self, text: str):
+        f = text.count("green")
+        n = len(text) // 7 + (f * f // 40 if self.curved else -(len(pk.FILLER) // 7 - 3) * max(0, f - 1))
+        return list(range(max(1, n)))
+
+
+@pytest.mark.parametrize("tok_name", ["byte", "bpe", "curved", "flat"])
+def test_max_fillers_is_the_largest_count_that_fits(tok_name):
+    """The guessed-then-widened search gives the count a scan from 0 finds, for tokenizers whose
+    fillers cost the same (bytes), merge across boundaries (BPE) or cost more / less the more
+    there are (so the first guess is too high / too low)."""
+    if tok_name == "bpe":
+        tokenizers = pytest.importorskip("tokenizers")
+        from tokenizers import models, pre_tokenizers, trainers
+        bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator([pk.build_prompt(123, 40, 0.5)] * 5,
+                                trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = SimpleNamespace(encode=lambda t: bpe.encode(t).ids)
+    else:
+        tok = {"byte": TOK, "curved": _CurvedTokenizer(True), "flat": _CurvedTokenizer(False)}[tok_name]
+    for length in (90, 300, 1100, 2500):
+        for depth in (0.0, 0.37, 1.0):
+            for key in (7, 4821, 50000):
+                if pk._n_tokens(tok, key, 0, depth) > length:
+                    continue
+                scan = 0
+                while pk._n_tokens(tok, key, scan + 1, depth) <= length:
+                    scan += 1
+                assert pk._max_fillers(tok, key, length, depth) == scan, (tok_name, length, depth, key)
+
+
 def test_first_integer():
     assert pk.first_integer("  12345 is the key 7") == 12345
     assert pk.first_integer("no digits here") is None
