@@ -236,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "passkey_landmark_cpu.json"))
     ap.add_argument("--png", default=None, help="default: --out with .png")
     args = ap.parse_args(argv)
+    from longctx.kernels.cpu import tune_allocator
+    tune_allocator()  # the in-process evaluation's temporaries reuse heap pages (2K retrieval: 6.5 -> 4.1 s)
     if args.report:
         with open(args.report) as f:
             print(table(json.load(f)))

@@ -15,7 +15,7 @@ from typing import List, Optional
 import numpy as np
 from longctx.kernels.landmark_torch import landmark_attn
 from longctx.model.mixers import register_mixer
-from longctx.model.rope import apply_rope
+from longctx.model.rope import apply_rope, apply_rope_nograd
 from longctx.model.softmax import SoftmaxAttention
 
 
@@ -97,6 +97,23 @@ class LandmarkCache:
         self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
         self.cur_v: Optional[torch.Tensor] = None
         self.next_pos = 0
+        self._rope: Optional[tuple] = None  # (cos, sin) (P, D) of positions 0..P-1: rope_table
+
+    def rope_table(self, mixer, dtype, device, need: int) -> Optional[tuple]:
+        """cos, sin (P, head_dim) of positions 0..P-1, P >= need, computed once per stream (every
+        group call ropes its queries, window and retrieved blocks: computing the angles and
+        cosines each time cost more than the rotations). None under dynamic NTK, whose
+        frequencies depend on the largest position of each call."""
+        if dict(mixer.rope_scaling or ()).get("rope_type") == "dynamic":
+            return None
+        t = self._rope
+        if t is None or t[0].shape[0] < need or t[0].dtype != dtype or t[0].device != device:
+            from longctx.model.transformer import SeqContext
+            P = max(need, 2 * t[0].shape[0] if t is not None else 1024)
+            cos, sin = SeqContext(positions=torch.arange(P, device=device)[None]).rope(
+                mixer.head_dim, mixer.rope_theta, dtype, mixer.rope_scaling)
+            self._rope = t = (cos[0, 0], sin[0, 0])
+        return t
 
     def stacked(self, name: str) -> torch.Tensor:
         """The completed groups' landmark keys "lm_k" (B, Hkv, groups, D), or block keys / values
@@ -124,15 +141,23 @@ class LandmarkCache:
         return x.to("cpu") if self.offload else x
 
 
-def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor) -> torch.Tensor:
-    """RoPE of x at positions pos_L (L,), with the mixer's own rotary settings."""
+def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor, cache: Optional[LandmarkCache] = None) -> torch.Tensor:
+    """RoPE of x at positions pos_L (L,), with the mixer's own rotary settings; from the cache's
+    table of cos / sin when it has one (cache.rope_table)."""
+    need = int(pos_L.max()) + 1 if pos_L.numel() else 1
+    tab = None if cache is None else cache.rope_table(mixer, x_BHLD.dtype, x_BHLD.device, need)
+    if tab is not None:
+        p = pos_L.to(tab[0].device)
+        rot = apply_rope if torch.is_grad_enabled() else apply_rope_nograd  # equal; the latter in fewer passes
+        return rot(x_BHLD, tab[0][p], tab[1][p])
     from longctx.model.transformer import SeqContext
     c = SeqContext(positions=pos_L.to(x_BHLD.device)[None])
     cos, sin = c.rope(mixer.head_dim, mixer.rope_theta, x_BHLD.dtype, mixer.rope_scaling)
     return apply_rope(x_BHLD, cos, sin)
 
 
-def compressed_selection_scores(mixer, q_BHnD: torch.Tensor, dist_n: torch.Tensor, lm_k: torch.Tensor) -> torch.Tensor:
+def compressed_selection_scores(mixer, q_BHnD: torch.Tensor, dist_n: torch.Tensor, lm_k: torch.Tensor,
+                                cache: Optional[LandmarkCache] = None) -> torch.Tensor:
     """Top-k selection scores with compressed positions: query i (pre-RoPE, (B, H, n, D)) against
     every landmark key (pre-RoPE, (B, Hkv, C, D)) as if that landmark sat dist_n[i] positions
     before it. Returns (B, Hkv, G, n, C), unscaled.
@@ -146,7 +171,9 @@ def compressed_selection_scores(mixer, q_BHnD: torch.Tensor, dist_n: torch.Tenso
     groups span more than the original context."""
     B, H, n, D = q_BHnD.shape
     Hkv = lm_k.shape[1]
-    q_sel = _rope_at(mixer, q_BHnD, dist_n) * _rope_gain(mixer, q_BHnD.dtype, q_BHnD.device)
+    tab = None if cache is None else cache.rope_table(mixer, q_BHnD.dtype, q_BHnD.device, int(dist_n.max()) + 1)
+    gain = tab[0][0, 0] if tab is not None else _rope_gain(mixer, q_BHnD.dtype, q_BHnD.device)
+    q_sel = _rope_at(mixer, q_BHnD, dist_n, cache) * gain
     return torch.einsum("bhgqd,bhcd->bhgqc", q_sel.view(B, Hkv, H // Hkv, n, D), lm_k)
 
 
@@ -186,8 +213,8 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
     n_sel = n_loc + min(cache.top_k, cache.n_groups - n_loc)
     base = n_sel * W if cache.compressed else g0  # where the open group sits
     q_pos = pos - g0 + base
-    qr = _rope_at(mixer, q, q_pos)
-    kl = _rope_at(mixer, loc_k, loc_pos - g0 + base)
+    qr = _rope_at(mixer, q, q_pos, cache)
+    kl = _rope_at(mixer, loc_k, loc_pos - g0 + base, cache)
     scale = 1.0 / math.sqrt(D)
     qg = qr.view(B, Hkv, G, n, D)
     s_loc = torch.einsum("bhgqd,bhkd->bhgqk", qg, kl) * scale  # (B, Hkv, G, n, Lc)
@@ -198,10 +225,10 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         Gr = lmk.shape[2]
         old = Gr - n_loc  # the groups top-k chooses from; the local window's are not scored
         if cache.compressed:  # select by content: every landmark scored at one relative distance
-            s_sel = compressed_selection_scores(mixer, q, pos - g0 + 1, lmk[:, :, :old]).amax(3)
+            s_sel = compressed_selection_scores(mixer, q, pos - g0 + 1, lmk[:, :, :old], cache).amax(3)
         else:
             lm_sel_pos = torch.arange(Gr) * W + blk
-            s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
+            s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old], cache)).amax(3)
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
@@ -212,8 +239,8 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         gpos = torch.arange(n_sel)
         if cache.compressed:
             tok_pos = gpos[:, None] * W + torch.arange(blk)[None]  # (k, blk)
-            rk = _rope_at(mixer, rk.flatten(3, 4).flatten(1, 2), tok_pos.reshape(-1)).view(B, Hkv, G, n_sel, blk, D)
-            rl = _rope_at(mixer, rl.flatten(1, 2), gpos * W + blk).view(B, Hkv, G, n_sel, D)
+            rk = _rope_at(mixer, rk.flatten(3, 4).flatten(1, 2), tok_pos.reshape(-1), cache).view(B, Hkv, G, n_sel, blk, D)
+            rl = _rope_at(mixer, rl.flatten(1, 2), gpos * W + blk, cache).view(B, Hkv, G, n_sel, D)
         else:  # original positions: each head's own groups
             tok_pos = idx[..., None] * W + torch.arange(blk)  # (B, Hkv, G, k, blk)
             rk = _rope_rows(mixer, rk, tok_pos)

@@ -27,6 +27,17 @@ def rope_cos_sin(positions_BL: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@torch.no_grad()
+def apply_rope_nograd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope's result in three passes over x (no rotate-half copy, no negation pass), for
+    inference: [x1 cos1 - x2 sin1, x2 cos2 + x1 sin2] with x1, x2 the halves of the head dim."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1.0)
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)

@@ -165,3 +165,33 @@ def test_compressed_selection_scores_equal_roped_landmarks(extra):
     # and not by accident: scoring at another distance gives other scores
     off = compressed_selection_scores(mixer, q, q_pos - (base - 3), lm)
     assert not torch.allclose(off, want, atol=1e-2 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("extra", [(), YARN, ("model.rope_scaling.rope_type=linear", "model.rope_scaling.factor=2"),
+                                   ("model.rope_scaling.rope_type=dynamic", "model.rope_scaling.factor=2")],
+                         ids=["rope", "yarn", "linear", "dynamic"])
+def test_stream_rope_table_equals_direct_rope(extra):
+    """The stream's table of cos / sin (LandmarkCache.rope_table, grown past its first size) ropes
+    as computing the angles per call does, with and without autograd (apply_rope_nograd's three
+    passes equal apply_rope); dynamic NTK, whose frequencies depend on each call's largest
+    position, has no table."""
+    from longctx.model.landmark import LandmarkCache, _rope_at, compressed_selection_scores
+    mixer = model("[landmark]", extra).layers[0].mixer
+    cache = LandmarkCache(BLOCK, top_k=2)
+    torch.manual_seed(2)
+    x = torch.randn(2, mixer.n_heads, 6, mixer.head_dim, dtype=torch.float64)
+    lm = torch.randn(2, mixer.n_kv_heads, 5, mixer.head_dim, dtype=torch.float64)
+    dynamic = "dynamic" in " ".join(extra)
+    for pos in (torch.arange(3, 9), torch.tensor([0, 1500, 7, 2047, 40, 4000])):  # the second grows it
+        want = _rope_at(mixer, x, pos)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                got = _rope_at(mixer, x, pos, cache)
+            assert torch.allclose(got, want, rtol=0, atol=1e-12), (grad, pos)
+        assert (cache.rope_table(mixer, x.dtype, x.device, 1) is None) == dynamic
+        if not dynamic:
+            assert cache.rope_table(mixer, x.dtype, x.device, 1)[0].shape[0] >= int(pos.max()) + 1
+        want_s = compressed_selection_scores(mixer, x, pos, lm)
+        assert torch.allclose(compressed_selection_scores(mixer, x, pos, lm, cache), want_s, rtol=0, atol=1e-12)
+    # not equal by accident: other positions rotate otherwise
+    assert not torch.allclose(_rope_at(mixer, x, torch.arange(4, 10), cache), _rope_at(mixer, x, torch.arange(3, 9)))
