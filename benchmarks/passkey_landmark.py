@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--short-steps", type=int, default=800, help="steps of the 128-token stage")
     ap.add_argument("--mid-steps", type=int, default=400, help="steps of the 70-256-token stage")
     ap.add_argument("--long-steps", type=int, default=500,
-                    help="steps of the 70-512-token stage (the session-9 H100 sweep: 500 reach exact 1.00 at 512 and retrieval 1.00 at 2K / 8K, as 700 do)")
+                    help="steps of the 70-512-token stage (the session-9 H100 sweep: 500 reach exact 1.00 at 512 and "
+                         "retrieval 1.00 at 2K / 8K, as 700 do; a model short of --until gets more rounds)")
     ap.add_argument("--until", type=float, default=0.95,
                     help="after the long stage, train more rounds while the held-out exact rate at 512 "
                          "(teacher forced, 64 prompts filling the window) is below this (0: never)")
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
 def table(res: dict) -> str:
     lines = [f"machine: {res['machine']}; trained at {res['train_len']} tokens; landmark retrieval: "
              f"local window {res.get('local_groups', 0)} groups + top-k = {res['top_k']} blocks per head"
-             + (f"; whole run {res['wall_s'] / 60:.1f} min" if "wall_s" in res else "")]
+             + (f"; this invocation {res['wall_s'] / 60:.1f} min" if "wall_s" in res else "")]
     for name, e in res["models"].items():
         ts = res.get("train_s", {}).get(name)
         where = (["128 tokens", "512"] if len(e["steps"]) == 2  # older JSON: two stages

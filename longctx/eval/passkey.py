@@ -78,7 +78,8 @@ def _n_tokens(tokenizer, passkey: int, n_filler: int, depth: float, answer_len: 
     return max(joint, len(tokenizer.encode(prompt)) + answer_len)
 
 
-def _max_fillers(tokenizer, passkey: int, length: int, depth: float) -> int:
+def _max_fillers(tokenizer, passkey: int, length: int, depth: float, base: Optional[int] = None,
+                 answer_len: Optional[int] = None) -> int:
     """Largest n_filler whose prompt + answer fits in `length` tokens; the caller has checked
     that 0 fillers fit.
 
@@ -86,11 +87,15 @@ def _max_fillers(tokenizer, passkey: int, length: int, depth: float) -> int:
     search starts at the guess (length - tokens without filler) // tokens per filler, exact for
     a tokenizer that encodes every filler alike (word-level, bytes), where two checks confirm
     it (a training batch draws many prompts: a bisection from 0 encoded ~3x as many), then
-    widens by doubling steps and bisects (subword tokenizers may merge across fillers)."""
-    answer_len = len(tokenizer.encode(" " + str(passkey)))
+    widens by doubling steps and bisects (subword tokenizers may merge across fillers). base /
+    answer_len: _n_tokens with 0 fillers / the answer's token count, when the caller has them."""
+    if answer_len is None:
+        answer_len = len(tokenizer.encode(" " + str(passkey)))
     fits = lambda n: _n_tokens(tokenizer, passkey, n, depth, answer_len) <= length  # noqa: E731
     per_filler = max(1, len(tokenizer.encode(" " + FILLER)))
-    guess = max(0, (length - _n_tokens(tokenizer, passkey, 0, depth, answer_len)) // per_filler)
+    if base is None:
+        base = _n_tokens(tokenizer, passkey, 0, depth, answer_len)
+    guess = max(0, (length - base) // per_filler)
     step = 1
     if fits(guess):  # lo fits, hi does not
         lo, hi = guess, guess + 1
@@ -118,15 +123,16 @@ def passkey_sample(tokenizer, rng: np.random.Generator, length: int, depth: floa
     """
     depth = _check_depth(depth)
     passkey = _draw_passkey(rng)
-    need = _n_tokens(tokenizer, passkey, 0, depth)
+    answer_ids = np.asarray(tokenizer.encode(" " + str(passkey)), dtype=np.int64)
+    need = _n_tokens(tokenizer, passkey, 0, depth, answer_ids.size)
     if need > length:
         raise ValueError(f"length={length} cannot hold a passkey prompt even with zero fillers "
                          f"({need} tokens needed): use length >= {need}")
-    n_filler = _max_fillers(tokenizer, passkey, length, depth)
+    n_filler = _max_fillers(tokenizer, passkey, length, depth, need, answer_ids.size)
     prompt = build_prompt(passkey, n_filler, depth)
     return {
         "prompt_ids": np.asarray(tokenizer.encode(prompt), dtype=np.int64),
-        "answer_ids": np.asarray(tokenizer.encode(" " + str(passkey)), dtype=np.int64),
+        "answer_ids": answer_ids,
         "passkey": passkey,
         "depth": depth,
     }

@@ -97,22 +97,26 @@ class LandmarkCache:
         self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
         self.cur_v: Optional[torch.Tensor] = None
         self.next_pos = 0
-        self._rope: Optional[tuple] = None  # (cos, sin) (P, D) of positions 0..P-1: rope_table
+        self._rope: dict = {}  # (dtype, device) -> (cos, sin) (P, D) of positions 0..P-1: rope_table
 
     def rope_table(self, mixer, dtype, device, need: int) -> Optional[tuple]:
         """cos, sin (P, head_dim) of positions 0..P-1, P >= need, computed once per stream (every
         group call ropes its queries, window and retrieved blocks: computing the angles and
-        cosines each time cost more than the rotations). None under dynamic NTK, whose
-        frequencies depend on the largest position of each call."""
-        if dict(mixer.rope_scaling or ()).get("rope_type") == "dynamic":
+        cosines each time cost more than the rotations). Only with compressed positions, which
+        stay below (local_groups + top_k + 1) x (block + 1): original positions run to the
+        stream's length, and a table per layer of that size would cost what offloading saves.
+        None then, and under dynamic NTK, whose frequencies depend on each call's largest
+        position."""
+        if not self.compressed or dict(mixer.rope_scaling or ()).get("rope_type") == "dynamic":
             return None
-        t = self._rope
-        if t is None or t[0].shape[0] < need or t[0].dtype != dtype or t[0].device != device:
+        key = (dtype, torch.device(device))
+        t = self._rope.get(key)
+        if t is None or t[0].shape[0] < need:
             from longctx.model.transformer import SeqContext
-            P = max(need, 2 * t[0].shape[0] if t is not None else 1024)
+            P = max(need, 2 * t[0].shape[0] if t is not None else 512)
             cos, sin = SeqContext(positions=torch.arange(P, device=device)[None]).rope(
                 mixer.head_dim, mixer.rope_theta, dtype, mixer.rope_scaling)
-            self._rope = t = (cos[0, 0], sin[0, 0])
+            self._rope[key] = t = (cos[0, 0], sin[0, 0])
         return t
 
     def stacked(self, name: str) -> torch.Tensor:
@@ -148,7 +152,7 @@ def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor, cache: Optional[L
     tab = None if cache is None else cache.rope_table(mixer, x_BHLD.dtype, x_BHLD.device, need)
     if tab is not None:
         p = pos_L.to(tab[0].device)
-        rot = apply_rope if torch.is_grad_enabled() else apply_rope_nograd  # equal; the latter in fewer passes
+        rot = apply_rope if torch.is_grad_enabled() else apply_rope_nograd  # equal up to rounding, fewer passes
         return rot(x_BHLD, tab[0][p], tab[1][p])
     from longctx.model.transformer import SeqContext
     c = SeqContext(positions=pos_L.to(x_BHLD.device)[None])

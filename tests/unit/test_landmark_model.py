@@ -193,5 +193,11 @@ def test_stream_rope_table_equals_direct_rope(extra):
             assert cache.rope_table(mixer, x.dtype, x.device, 1)[0].shape[0] >= int(pos.max()) + 1
         want_s = compressed_selection_scores(mixer, x, pos, lm)
         assert torch.allclose(compressed_selection_scores(mixer, x, pos, lm, cache), want_s, rtol=0, atol=1e-12)
-    # not equal by accident: other positions rotate otherwise
-    assert not torch.allclose(_rope_at(mixer, x, torch.arange(4, 10), cache), _rope_at(mixer, x, torch.arange(3, 9)))
+    if not dynamic:  # one table per dtype, sized by need only: switching dtypes neither grows nor drops one
+        size = cache.rope_table(mixer, torch.float64, x.device, 1)[0].shape[0]
+        for dt in (torch.float32, torch.float64, torch.float32, torch.float64):
+            assert cache.rope_table(mixer, dt, x.device, 10)[0].dtype == dt
+        assert cache.rope_table(mixer, torch.float64, x.device, 1)[0].shape[0] == size
+        assert cache.rope_table(mixer, torch.float32, x.device, 1)[0].shape[0] == 512
+    # original positions run to the stream's length: no table
+    assert LandmarkCache(BLOCK, top_k=2, compressed_positions=False).rope_table(mixer, x.dtype, x.device, 1) is None
