@@ -232,7 +232,7 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
             s_sel = compressed_selection_scores(mixer, q, pos - g0 + 1, lmk[:, :, :old], cache).amax(3)
         else:
             lm_sel_pos = torch.arange(Gr) * W + blk
-            s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old], cache)).amax(3)
+            s_sel = torch.einsum("bhgqd,bhcd->bhgqc", qg, _rope_at(mixer, lmk[:, :, :old], lm_sel_pos[:old])).amax(3)
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
