@@ -195,6 +195,9 @@ class _Landmark(torch.autograd.Function):
         if backend == "triton":
             from longctx.kernels.landmark_triton import landmark_fwd_triton
             o, lse = landmark_fwd_triton(q, k, v, block, scale)
+        elif backend == "cpu":
+            from longctx.kernels.landmark_cpu import landmark_fwd_cpu
+            o, lse = landmark_fwd_cpu(q, k, v, block, scale, tile)
         else:
             o, lse = landmark_fwd_torch(q, k, v, block, scale, tile)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -208,15 +211,32 @@ class _Landmark(torch.autograd.Function):
         if backend == "triton":
             from longctx.kernels.landmark_triton import landmark_bwd_triton
             dq, dk, dv = landmark_bwd_triton(do.contiguous(), q, k, v, o, lse, block, scale)
+        elif backend == "cpu":
+            from longctx.kernels.landmark_cpu import landmark_bwd_cpu
+            dq, dk, dv = landmark_bwd_cpu(do.contiguous(), q, k, v, o, lse, block, scale, tile)
         else:
             dq, dk, dv = landmark_bwd_torch(do.contiguous(), q, k, v, o, lse, block, scale, tile)
         return dq, dk, dv, None, None, None, None
 
 
+_warned: list = []
+
+
 def _backend(q: Tensor, k: Tensor, v: Tensor, block: int, backend: str) -> str:
     """'auto': the Triton kernel for CUDA tensors it supports (float16/bfloat16/float32, block 16,
-    32, 64 or 128, head dims 16..128), the torch path otherwise. 'triton' asked by name is checked
-    here, so bad input fails before autograd with a ValueError naming what is supported."""
+    32, 64 or 128, head dims 16..128); for float32 / float64 CPU tensors the torch path with its
+    elementwise middle in C (landmark_cpu.py; a warning, once, and the plain torch path when it
+    cannot be built); the torch path otherwise. 'triton' or 'cpu' asked by name is checked here,
+    so bad input fails before autograd with a ValueError naming what is supported."""
+    if backend not in ("auto", "torch", "cpu", "triton"):
+        raise ValueError(f"backend={backend!r}: use 'auto', 'torch', 'cpu' or 'triton'")
+    if backend == "cpu":
+        from longctx.kernels.landmark_cpu import available
+        ok, why = available()
+        if q.is_cuda or q.dtype not in (torch.float32, torch.float64) or not ok:
+            raise ValueError(f"backend='cpu' needs float32 / float64 CPU tensors and the C helper; got "
+                             f"{q.dtype} on {q.device}{'' if ok else ' (' + why + ')'}")
+        return "cpu"
     be = pick_backend(q, backend)
     if be == "triton":
         from longctx.kernels.landmark_triton import check_supported
@@ -227,6 +247,15 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, block: int, backend: str) -> str:
                 return "torch"
         else:
             check_supported(q, k, v, block)
+    if backend == "auto" and be == "torch" and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        from longctx.kernels.landmark_cpu import available
+        ok, why = available()
+        if ok:
+            return "cpu"
+        if not _warned:
+            import warnings
+            warnings.warn(f"{why}; landmark attention runs the torch path (same results, ~1.7x slower)")
+            _warned.append(True)
     return be
 
 
@@ -237,9 +266,11 @@ def landmark_attn(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[f
     Returns (B, H, T, Dv). tile: the torch path's query rows per step (each against all its keys:
     memory O(tile * T), peak ~16 x tile x B x H x T bytes in fp32); None sizes it to the batch
     (_rows_per_tile).
-    backend: "auto" (the fused Triton kernel for CUDA tensors it supports, else torch), "torch",
-    or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1; float16/bfloat16/float32,
-    block 16/32/64/128, head dims 16/32/64/128; anything else is a ValueError)."""
+    backend: "auto" (the fused Triton kernel for CUDA tensors it supports, "cpu" for float32 /
+    float64 CPU tensors, else torch), "torch" (the specification), "cpu" (torch's matrix
+    products with the elementwise middle in C: landmark_cpu.py) or "triton" (CUDA, or CPU tensors
+    under TRITON_INTERPRET=1; float16/bfloat16/float32, block 16/32/64/128, head dims
+    16/32/64/128; anything else is a ValueError)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name}: expected (batch, heads, seq, dim), got shape {tuple(x.shape)}")
