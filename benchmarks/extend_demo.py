@@ -189,25 +189,26 @@ def exact(pred: List[int], answer: np.ndarray, tok) -> bool:
 @torch.no_grad()
 def passkey_accuracy(lm, tok, samples: List[dict], retrieval_k: int, batch: int) -> List[bool]:
     """Greedy retrieval of each sample's key. Landmark models: the retrieval stream (top-k blocks
-    per head), prompts of equal length decoded together (each row as alone). Others: one causal
+    per head), `batch` prompts decoded together, their shared prefix once (each row as alone, up
+    to rounding: RetrievalStream.generate_shared). Others: one causal
     forward over prompt + answer, whose argmax at each answer position is the greedy token given
     the answer so far: the greedy output starts with the answer iff every one of them is right."""
     from longctx.model.landmark import RetrievalStream
     from longctx.model.transformer import SeqContext
-    ok = [False] * len(samples)
     model = lm.model.eval()
+    if lm.landmark_block:  # shared prompt prefixes computed once, prompts of any length in one batch
+        n_a = max(len(s["answer_ids"]) for s in samples)
+        preds = RetrievalStream.generate_shared(model, lm.landmark_block, lm.landmark_id,
+                                                [s["prompt_ids"] for s in samples], n_a + 1, batch, top_k=retrieval_k)
+        return [exact(p, s["answer_ids"], tok) for p, s in zip(preds, samples)]
+    ok = [False] * len(samples)
     for idx in groups(samples, batch):
-        n_a = len(samples[idx[0]]["answer_ids"])
-        if lm.landmark_block:
-            rows = np.stack([samples[i]["prompt_ids"] for i in idx])
-            preds = RetrievalStream(model, lm.landmark_block, lm.landmark_id, top_k=retrieval_k).generate(rows, n_a + 1)
-        else:
-            n_p = len(samples[idx[0]]["prompt_ids"])
-            ids = torch.as_tensor(np.stack([np.concatenate([samples[i]["prompt_ids"], samples[i]["answer_ids"]])
-                                            for i in idx]))
-            B, T = ids.shape
-            h = model.hidden(ids, SeqContext(positions=torch.arange(T)[None].expand(B, T)))
-            preds = torch.nn.functional.linear(h[:, n_p - 1:], model.head_weight).argmax(-1).tolist()
+        n_p = len(samples[idx[0]]["prompt_ids"])
+        ids = torch.as_tensor(np.stack([np.concatenate([samples[i]["prompt_ids"], samples[i]["answer_ids"]])
+                                        for i in idx]))
+        B, T = ids.shape
+        h = model.hidden(ids, SeqContext(positions=torch.arange(T)[None].expand(B, T)))
+        preds = torch.nn.functional.linear(h[:, n_p - 1:], model.head_weight).argmax(-1).tolist()
         for i, p in zip(idx, preds):
             ok[i] = exact(p, samples[i]["answer_ids"], tok)
     return ok

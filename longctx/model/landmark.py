@@ -144,6 +144,24 @@ class LandmarkCache:
     def store(self, x: torch.Tensor) -> torch.Tensor:
         return x.to("cpu") if self.offload else x
 
+    def repeat_rows(self, rows: int, capacity: int = 0) -> "LandmarkCache":
+        """A cache of `rows` rows, each a copy of this one-row cache (RetrievalStream.fork), with
+        buffers for max(capacity, n_groups) groups (sized once: regrowing a many-row cache copies it)."""
+        if self.cur_k is not None and self.cur_k.shape[0] != 1 or self._buf and next(iter(self._buf.values())).shape[0] != 1:
+            raise ValueError("LandmarkCache.repeat_rows: only a one-row cache can be repeated")
+        new = LandmarkCache(self.block, self.top_k, self.compressed, self.offload, max(capacity, self.capacity),
+                            self.local_groups)
+        new.n_groups, new.next_pos, new._rope = self.n_groups, self.next_pos, self._rope
+        cap = max(capacity, self.n_groups, 16)
+        for name, buf in self._buf.items():
+            nb = buf.new_empty((rows,) + buf.shape[1:2] + (cap,) + buf.shape[3:])
+            nb[:, :, :self.n_groups] = buf[:, :, :self.n_groups]  # broadcast over the rows
+            new._buf[name] = nb
+        if self.cur_k is not None:
+            new.cur_k = self.cur_k.expand(rows, *self.cur_k.shape[1:]).contiguous()
+            new.cur_v = self.cur_v.expand(rows, *self.cur_v.shape[1:]).contiguous()
+        return new
+
 
 def _rope_at(mixer, x_BHLD: torch.Tensor, pos_L: torch.Tensor, cache: Optional[LandmarkCache] = None) -> torch.Tensor:
     """RoPE of x at positions pos_L (L,), with the mixer's own rotary settings; from the cache's
@@ -348,36 +366,125 @@ class RetrievalStream:
         self.last_hidden = h[:, -1]
         return h
 
+    def fork(self, rows: int, capacity: int = 0) -> "RetrievalStream":
+        """A stream of `rows` rows, each continuing this one-row stream from where it stands (a
+        shared prompt prefix computed once: RetrievalStream.generate_shared). Every cached tensor is
+        copied per row; landmark caches get buffers for `capacity` groups (0: as many as they hold)."""
+        if self.last_hidden is not None and self.last_hidden.shape[0] != 1:
+            raise ValueError(f"RetrievalStream.fork: this stream has {self.last_hidden.shape[0]} rows; fork a one-row stream")
+        new = object.__new__(RetrievalStream)
+        new.model, new.block, new.landmark_id, new.pos = self.model, self.block, self.landmark_id, self.pos
+        new.last_hidden = None if self.last_hidden is None else self.last_hidden.expand(rows, -1).contiguous()
+        new.state = {}
+        for key, val in self.state.items():
+            if key == "landmark_retrieval":
+                new.state[key] = dict(val)
+            elif isinstance(val, LandmarkCache):
+                new.state[key] = val.repeat_rows(rows, capacity)
+            elif isinstance(val, torch.Tensor) and val.dim() and val.shape[0] == 1:  # carried recurrent state
+                new.state[key] = val.expand(rows, *val.shape[1:]).contiguous()
+            else:
+                raise ValueError(f"RetrievalStream.fork: state entry {key!r} ({type(val).__name__}) cannot be copied "
+                                 f"per row; fork supports landmark caches and one-row tensors")
+        return new
+
     @torch.no_grad()
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: Optional[int] = None):
+    def generate(self, prompt_ids, max_new_tokens: int, eos_id: Optional[int] = None):
         """Greedy continuation of regular prompt ids (landmarks inserted on the way).
 
-        prompt_ids (Lp,) -> List[int]; (B, Lp) -> B lists, the rows decoded in step (same
-        prompt length: group prompts by length), each exactly as it would be alone. A row
-        stops at eos_id; the others go on."""
-        rows = np.asarray(prompt_ids, dtype=np.int64)
-        single = rows.ndim == 1
-        rows = rows[None] if single else rows
+        prompt_ids (Lp,) -> List[int]; (B, Lp), or a list of B prompts of different lengths -> B
+        lists, the rows decoded in step, each exactly as it would be alone: the rows share
+        positions, so a row whose prompt ends first feeds its own greedy tokens while the longer
+        ones feed the rest of theirs. A row stops at eos_id or after max_new_tokens; the others go
+        on."""
+        if isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim == 1 or \
+                isinstance(prompt_ids, (list, tuple)) and prompt_ids and np.isscalar(prompt_ids[0]):
+            return self.generate([np.asarray(prompt_ids)], max_new_tokens, eos_id)[0]
+        rows = [np.asarray(r, dtype=np.int64) for r in prompt_ids]
+        if not rows or any(r.ndim != 1 for r in rows):
+            raise ValueError("RetrievalStream.generate: pass one prompt (n,), a (rows, n) array or a list of 1-D prompts")
+        lens = [len(r) for r in rows]
+        if self.last_hidden is not None and self.last_hidden.shape[0] != len(rows):
+            raise ValueError(f"RetrievalStream.generate: {len(rows)} prompts for a stream of "
+                             f"{self.last_hidden.shape[0]} rows")
         if self.pos == 0:  # the caches are sized for the whole input (plus landmarks) at once
-            total = rows.shape[1] + max_new_tokens + 1
+            total = max(lens) + max_new_tokens + 1
             self.state["landmark_retrieval"]["capacity"] = total // self.block + 1
-        self.feed(np.stack([insert_landmarks(r, self.block, self.landmark_id, self.pos) for r in rows]))
-        W = self.block + 1
-        if self.pos % W == self.block:  # the prompt filled a group: its landmark comes next
+        W, m = self.block + 1, min(lens)
+        if max_new_tokens < 1:
+            raise ValueError(f"RetrievalStream.generate: max_new_tokens={max_new_tokens}; use >= 1")
+        if m:
+            self.feed(np.stack([insert_landmarks(r[:m], self.block, self.landmark_id, self.pos) for r in rows]))
+        elif self.last_hidden is None:
+            raise ValueError("RetrievalStream.generate: an empty prompt on a fresh stream has nothing to continue")
+        if self.pos % W == self.block:  # the common part filled a group: its landmark comes next
             self.feed(np.full((len(rows), 1), self.landmark_id))
         out: List[List[int]] = [[] for _ in rows]
         done = np.zeros(len(rows), dtype=bool)
-        for _ in range(max_new_tokens):
+        t = m  # the regular index of the token fed next (the last hidden state predicts it)
+        while True:
             logits = torch.nn.functional.linear(self.last_hidden, self.model.head_weight)  # (B, V)
-            t = logits.argmax(-1).cpu().numpy()
-            for i, ti in enumerate(t.tolist()):
-                done[i] |= eos_id is not None and ti == eos_id
-                if not done[i]:
-                    out[i].append(ti)
+            pred = logits.argmax(-1).cpu().numpy()
+            for i, ti in enumerate(pred.tolist()):
+                if t >= lens[i] and not done[i]:  # past row i's prompt: a generated token
+                    done[i] = eos_id is not None and ti == eos_id
+                    if not done[i]:
+                        out[i].append(ti)
+                    done[i] |= len(out[i]) >= max_new_tokens
             if done.all():
                 break
-            nxt = t[:, None]
+            nxt = np.array([rows[i][t] if t < lens[i] else pred[i] for i in range(len(rows))], dtype=np.int64)[:, None]
             if (self.pos + 1) % W == self.block:
                 nxt = np.concatenate([nxt, np.full((len(rows), 1), self.landmark_id)], 1)
             self.feed(nxt)
-        return out[0] if single else out
+            t += 1
+        return out
+
+    @classmethod
+    @torch.no_grad()
+    def generate_shared(cls, model, block: int, landmark_id: int, prompts, max_new_tokens: int, batch: int,
+                        eos_id: Optional[int] = None, progress=None, **stream_kw) -> List[List[int]]:
+        """generate() for many prompts, `batch` rows at a time, computing shared prompt prefixes
+        once: the prompts are taken in sorted order (prompts with a long common prefix side by
+        side), one one-row "trunk" stream is fed each batch's common prefix (continuing from the
+        batch before when that batch's prefix is a prefix of this one's) and fork()ed into the
+        batch's rows, which go on with their own tokens. Each row's tokens are those it would get
+        alone (greedy, the same positions; sums grouped differently, so equal up to rounding).
+        A passkey set of one length shares everything before each key: the rows compute about
+        half their tokens. progress(n): called after each batch with its rows. Returns the
+        continuations in the prompts' order."""
+        if batch < 1:
+            raise ValueError(f"generate_shared: batch={batch}; use >= 1 rows per batch")
+        rows = [np.asarray(p, dtype=np.int64) for p in prompts]
+        order = sorted(range(len(rows)), key=lambda i: rows[i].tolist())
+        out: List[Optional[List[int]]] = [None] * len(rows)
+
+        def lcp(a: np.ndarray, b: np.ndarray) -> int:
+            n = min(len(a), len(b))
+            d = np.flatnonzero(a[:n] != b[:n])
+            return int(d[0]) if len(d) else n
+
+        trunk, fed = None, np.zeros(0, dtype=np.int64)  # fed: the regular ids the trunk holds
+        for a in range(0, len(order), batch):
+            idx = order[a:a + batch]
+            first = rows[idx[0]]
+            f = min(lcp(first, rows[i]) for i in idx)
+            # every row keeps at least one token of its own to feed (a prompt that is the whole
+            # prefix still gets its first answer from its own step)
+            f = max(0, min(f, min(len(rows[i]) for i in idx) - 1))
+            if trunk is None or f < len(fed) or lcp(fed, first) < len(fed):
+                trunk, fed = cls(model, block, landmark_id, **stream_kw), np.zeros(0, dtype=np.int64)
+                trunk.state["landmark_retrieval"]["capacity"] = f // block + 2
+            if f > len(fed):
+                trunk.feed(insert_landmarks(first[len(fed):f], block, landmark_id, trunk.pos))
+                fed = first[:f]
+            total = max(len(rows[i]) for i in idx) + max_new_tokens + 1
+            st = trunk.fork(len(idx), capacity=total // block + 1) if f else cls(model, block, landmark_id, **stream_kw)
+            if not f:
+                st.state["landmark_retrieval"]["capacity"] = total // block + 1
+            for i, o in zip(idx, st.generate([rows[i][f:] for i in idx], max_new_tokens, eos_id)):
+                out[i] = o
+            del st
+            if progress is not None:
+                progress(len(idx))
+        return out  # type: ignore[return-value]

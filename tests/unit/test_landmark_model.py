@@ -201,3 +201,50 @@ def test_stream_rope_table_equals_direct_rope(extra):
         assert cache.rope_table(mixer, torch.float32, x.device, 1)[0].shape[0] == 512
     # original positions run to the stream's length: no table
     assert LandmarkCache(BLOCK, top_k=2, compressed_positions=False).rope_table(mixer, x.dtype, x.device, 1) is None
+
+
+@pytest.mark.parametrize("mixers", ["[landmark]", "[lightning,landmark]"], ids=["landmark", "hybrid"])
+def test_ragged_and_shared_prefix_generation_equal_each_row_alone(mixers):
+    """Prompts of different lengths decode in step (a short row feeds its own greedy tokens while
+    the long ones feed theirs), and generate_shared's trunk + fork (prefixes computed once, for
+    landmark caches and a lightning layer's carried state) give every row what it gets alone."""
+    m = model(mixers)
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, size=70)
+    prompts = [np.concatenate([base[:d], rng.integers(0, 256, size=n)]) for d, n in
+               [(40, 12), (7, 30), (40, 3), (66, 4), (23, 23), (0, 15), (40, 12)]]
+    prompts.append(base[:52].copy())  # a prompt that is a prefix of others
+    prompts[6] = prompts[0].copy()  # two equal prompts
+    alone = [RetrievalStream(m, BLOCK, LM_ID, top_k=2).generate(p, 4) for p in prompts]
+    assert RetrievalStream(m, BLOCK, LM_ID, top_k=2).generate(prompts[:4], 4) == alone[:4]
+    for batch in (1, 3, 8):
+        seen = []
+        got = RetrievalStream.generate_shared(m, BLOCK, LM_ID, prompts, 4, batch, progress=seen.append, top_k=2)
+        assert got == alone, batch
+        assert sum(seen) == len(prompts) and max(seen) <= batch
+    # eos stops a row early; the others go on
+    eos = alone[1][1]
+    got = RetrievalStream(m, BLOCK, LM_ID, top_k=2).generate(prompts[:3], 4, eos_id=eos)
+    cut = lambda o: o[:o.index(eos)] if eos in o else o  # noqa: E731
+    assert got == [cut(o) for o in alone[:3]] and len(got[1]) < 4
+
+
+def test_fork_copies_every_row_and_refuses_what_it_cannot_copy():
+    m = model("[landmark]")
+    ids = stream_ids(23)
+    trunk = RetrievalStream(m, BLOCK, LM_ID, top_k=2)
+    trunk.feed(ids)
+    two = trunk.fork(2, capacity=10)
+    more = insert_landmarks(np.arange(11) % 256, BLOCK, LM_ID, trunk.pos)
+    h2 = two.feed(np.stack([more, more]))
+    h1 = trunk.feed(more)
+    assert torch.allclose(h2, h1.expand(2, -1, -1), atol=1e-6) and two.state["landmark_cache_0"].capacity == 10
+    with pytest.raises(ValueError, match="fork a one-row stream"):
+        two.fork(3)
+    trunk.state["other"] = object()
+    with pytest.raises(ValueError, match="'other'"):
+        trunk.fork(2)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        RetrievalStream(m, BLOCK, LM_ID).generate(np.arange(5), 0)
+    with pytest.raises(ValueError, match="batch=0"):
+        RetrievalStream.generate_shared(m, BLOCK, LM_ID, [np.arange(5)], 2, 0)
