@@ -11,7 +11,7 @@ backward, scores + dP -> dS, P and the landmarks' gradients (one pass over the t
 The C source below is compiled once per machine with the system C compiler (gcc / cc, -O3
 -march=native) into a cache folder (LONGCTX_CACHE, default ~/.cache/longctx), keyed by the
 source, the flags and the CPU's model and flags; rows are split over torch.get_num_threads()
-Python threads (ctypes releases the GIL; no second OpenMP runtime beside torch's). `available()`
+OpenMP threads of the runtime torch runs on (see _FLAGS). `available()`
 says whether it loaded and why not; landmark_attn's backend "auto" uses it for float32 / float64
 CPU tensors and warns once when it cannot (then the torch path runs: same numbers, slower).
 """
@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import torch
@@ -93,8 +92,9 @@ static T group_exp_##SUF(const T* g, T* e, int64_t blk) {                       
     return sum;                                                                                    \
 }                                                                                                  \
 void lm_fwd_##SUF(const T* s, int64_t ld_s, T* p, T* lse, int64_t r0, int64_t r1, int64_t bq,      \
-                  int64_t qs, int64_t ke, int64_t ng, int64_t blk, int has_lse) {                  \
+                  int64_t qs, int64_t ke, int64_t ng, int64_t blk, int has_lse, int nthreads) {    \
     const int64_t W = blk + 1;                                                                     \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
     for (int64_t r = r0; r < r1; ++r) {                                                            \
         const T* sr = s + r * ld_s;                                                                \
         T* pr = p + r * ng * blk;                                                                  \
@@ -119,10 +119,11 @@ void lm_fwd_##SUF(const T* s, int64_t ld_s, T* p, T* lse, int64_t r0, int64_t r1
    weights; dl: out the landmarks' gradients (ng per row, 0 for the own group and later). */     \
 void lm_bwd_##SUF(const T* s, int64_t ld_s, const T* lse, const T* dterm, T* dp, T* p, T* dl,      \
                   int64_t r0, int64_t r1, int64_t bq, int64_t qs, int64_t ke, int64_t ng,          \
-                  int64_t blk) {                                                                   \
+                  int64_t blk, int nthreads) {                                                     \
     const int64_t W = blk + 1;                                                                     \
-    T e[blk];  /* one group's exp: blk values on the stack */                                      \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
     for (int64_t r = r0; r < r1; ++r) {                                                            \
+        T e[blk];  /* one group's exp: blk values on the stack */                                  \
         const T* sr = s + r * ld_s;                                                                \
         T* pr = p + r * ng * blk;                                                                  \
         T* dr = dp + r * ng * blk;                                                                 \
@@ -164,12 +165,15 @@ LM_DEFINE(double, f64, exp, log, 2.2250738585072014e-308)
 
 # -ffp-contract=off: no fused multiply-adds beyond what the source writes, so the rounding is the
 # plain C semantics on every CPU (the tests compare with the torch path at 1e-12 in float64);
-# -fopenmp-simd: the `omp simd` reductions vectorise (no OpenMP runtime is linked)
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+# -fopenmp: rows split over threads and the `omp simd` reductions vectorised. The library links
+# libgomp.so.1 by its soname, which the process has loaded already with torch (torch/lib bundles
+# it): one OpenMP runtime and one thread pool for torch's ops and these loops. A pool of Python
+# threads instead ran slower than one thread (its threads met torch's still-spinning workers on
+# the two cores).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _lib = None
 _why: Optional[str] = None
 _lock = threading.Lock()
-_pool: Optional[ThreadPoolExecutor] = None
 
 
 def _cpu_id() -> str:
@@ -219,8 +223,8 @@ def load():
             raise RuntimeError(_why) from e
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         for suf in ("f32", "f64"):
-            getattr(lib, f"lm_fwd_{suf}").argtypes = [ptr, i64, ptr, ptr] + [i64] * 7 + [ctypes.c_int]
-            getattr(lib, f"lm_bwd_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 7
+            getattr(lib, f"lm_fwd_{suf}").argtypes = [ptr, i64, ptr, ptr] + [i64] * 7 + [ctypes.c_int] * 2
+            getattr(lib, f"lm_bwd_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 7 + [ctypes.c_int]
         _lib = lib
         return lib
 
@@ -232,22 +236,6 @@ def available() -> Tuple[bool, str]:
         return True, ""
     except RuntimeError as e:
         return False, str(e)
-
-
-def _split(R: int, fn) -> None:
-    """fn(r0, r1) over row ranges, one per torch thread (C calls release the GIL)."""
-    global _pool
-    n = max(1, min(torch.get_num_threads(), R // 64))
-    if n == 1:
-        fn(0, R)
-        return
-    if _pool is None or _pool._max_workers < n:
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="landmark-cpu")
-    cuts = [R * t // n for t in range(n + 1)]
-    futs = [_pool.submit(fn, cuts[t], cuts[t + 1]) for t in range(1, n)]
-    fn(cuts[0], cuts[1])
-    for f in futs:
-        f.result()
 
 
 def _suffix(x: Tensor) -> str:
@@ -272,7 +260,7 @@ def tile_weights(s: Tensor, qs: int, bq: int, ke: int, ng: int, block: int,
     out = torch.empty(R, dtype=s.dtype) if lse is None else lse.contiguous()
     fn = getattr(lib, f"lm_fwd_{_suffix(s)}")
     has = 0 if lse is None else 1
-    _split(R, lambda r0, r1: fn(s.data_ptr(), ke, p.data_ptr(), out.data_ptr(), r0, r1, bq, qs, ke, ng, block, has))
+    fn(s.data_ptr(), ke, p.data_ptr(), out.data_ptr(), 0, R, bq, qs, ke, ng, block, has, torch.get_num_threads())
     return p, out
 
 
@@ -289,8 +277,8 @@ def tile_grads(s: Tensor, lse: Tensor, dterm: Tensor, dp: Tensor, qs: int, bq: i
     p = torch.empty(R, ng * block, dtype=s.dtype)
     dl = torch.empty(R, ng, dtype=s.dtype)
     fn = getattr(lib, f"lm_bwd_{_suffix(s)}")
-    _split(R, lambda r0, r1: fn(s.data_ptr(), ke, lse.data_ptr(), dterm.data_ptr(), dp.data_ptr(), p.data_ptr(),
-                                dl.data_ptr(), r0, r1, bq, qs, ke, ng, block))
+    fn(s.data_ptr(), ke, lse.data_ptr(), dterm.data_ptr(), dp.data_ptr(), p.data_ptr(), dl.data_ptr(), 0, R, bq, qs,
+       ke, ng, block, torch.get_num_threads())
     return dp, p, dl
 
 
