@@ -159,8 +159,64 @@ void lm_bwd_##SUF(const T* s, int64_t ld_s, const T* lse, const T* dterm, T* dp,
     }                                                                                              \
 }
 
+/* Retrieval inference (longctx/model/landmark.py, retrieval_forward).
+   gather_rope: out (B, Hkv, G, nsel, blk, D) = the blocks idx (B, Hkv, G, nsel) of buf (B, Hkv,
+   cap, blk, D), rotated (when cos) at the rows c * blk + j of cos / sin (nsel * blk, D) as
+   apply_rope_nograd does: [x1 cos1 - x2 sin1, x2 cos2 + x1 sin2].
+   combine: per row of R = (B, Hkv, G, n) queries, the grouped softmax of retrieval: logZ over the
+   local scores sl (Lc) and the slots' landmark scores sm (k); pl = exp(sl - logZ); the slots'
+   block scores sb (k * blk) become exp(sm_c - logZ) x softmax_c(sb), in place. */
+#define RT_DEFINE(T, SUF, EXP, LOG, TINY)                                                          \
+void rt_gather_rope_##SUF(const T* buf, int64_t cap, const int64_t* idx, const T* cos, const T* sin, \
+                          T* out, int64_t B, int64_t Hkv, int64_t G, int64_t nsel, int64_t blk,    \
+                          int64_t D, int nthreads) {                                               \
+    const int64_t n_items = B * Hkv * G * nsel, h2 = D / 2, bsz = blk * D;                         \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
+    for (int64_t it = 0; it < n_items; ++it) {                                                     \
+        const int64_t c = it % nsel, bh = it / (nsel * G);                                         \
+        const T* src = buf + (bh * cap + idx[it]) * bsz;                                           \
+        T* dst = out + it * bsz;                                                                   \
+        if (!cos) { memcpy(dst, src, bsz * sizeof(T)); continue; }                                 \
+        for (int64_t j = 0; j < blk; ++j) {                                                        \
+            const T* x = src + j * D; T* y = dst + j * D;                                          \
+            const T* cs = cos + (c * blk + j) * D; const T* sn = sin + (c * blk + j) * D;          \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t d = 0; d < h2; ++d) {                                                     \
+                y[d] = x[d] * cs[d] - x[d + h2] * sn[d];                                           \
+                y[d + h2] = x[d + h2] * cs[d + h2] + x[d] * sn[d + h2];                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+void rt_combine_##SUF(const T* sl, int64_t Lc, T* sb, const T* sm, T* pl, int64_t R, int64_t k,     \
+                      int64_t blk, int nthreads) {                                                 \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        const T* l = sl + r * Lc; const T* m = sm + r * k;                                         \
+        T* b = sb + r * k * blk; T* p = pl + r * Lc;                                               \
+        T mx = -INFINITY;                                                                          \
+        for (int64_t j = 0; j < Lc; ++j) if (l[j] > mx) mx = l[j];                                 \
+        for (int64_t c = 0; c < k; ++c) if (m[c] > mx) mx = m[c];                                  \
+        const T sh = isinf(mx) ? (T)0 : mx;                                                        \
+        T acc = 0;                                                                                 \
+        for (int64_t j = 0; j < Lc; ++j) acc += EXP(l[j] - sh);                                    \
+        for (int64_t c = 0; c < k; ++c) acc += EXP(m[c] - sh);                                     \
+        const T lz = LOG(acc) + mx;                                                                \
+        for (int64_t j = 0; j < Lc; ++j) p[j] = EXP(l[j] - lz);                                    \
+        for (int64_t c = 0; c < k; ++c) {                                                          \
+            T* g = b + c * blk;                                                                    \
+            T sum = group_exp_##SUF(g, g, blk);                                                    \
+            const T coef = EXP(m[c] - lz) / (sum > TINY ? sum : TINY);                             \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t j = 0; j < blk; ++j) g[j] *= coef;                                        \
+        }                                                                                          \
+    }                                                                                              \
+}
+
 LM_DEFINE(float, f32, exp_f32, logf, 1.17549435e-38f)
 LM_DEFINE(double, f64, exp, log, 2.2250738585072014e-308)
+RT_DEFINE(float, f32, exp_f32, logf, 1.17549435e-38f)
+RT_DEFINE(double, f64, exp, log, 2.2250738585072014e-308)
 """
 
 # -ffp-contract=off: no fused multiply-adds beyond what the source writes, so the rounding is the
@@ -225,6 +281,8 @@ def load():
         for suf in ("f32", "f64"):
             getattr(lib, f"lm_fwd_{suf}").argtypes = [ptr, i64, ptr, ptr] + [i64] * 7 + [ctypes.c_int] * 2
             getattr(lib, f"lm_bwd_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 7 + [ctypes.c_int]
+            getattr(lib, f"rt_gather_rope_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_int]
+            getattr(lib, f"rt_combine_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -355,3 +413,53 @@ def landmark_bwd_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
         dvr = torch.matmul(p.transpose(-1, -2), dot).unflatten(2, (ng, block))
         dv[:, :, :ke] += torch.nn.functional.pad(dvr, (0, 0, 0, 1)).flatten(2, 3)[:, :, :ke]  # landmarks: 0
     return dq.view(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# -- retrieval inference (longctx/model/landmark.py) ----------------------------------------------
+
+def gather_blocks(buf: Tensor, idx: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None) -> Tensor:
+    """buf (B, Hkv, cap, blk, D) contiguous, idx (B, Hkv, G, nsel) int64 block numbers < cap.
+    Returns buf[b, h, idx] as (B, Hkv, G, nsel, blk, D), rotated at the rows c * blk + j of cos /
+    sin ((nsel * blk, D), rope_table rows) when given (apply_rope_nograd's arithmetic): the
+    retrieved keys at their compressed positions in one pass, no gathered copy to rotate after."""
+    lib = load()
+    B, Hkv, cap, blk, D = buf.shape
+    if not buf.is_contiguous() or buf.device.type != "cpu":
+        raise ValueError(f"gather_blocks: buf must be a contiguous CPU tensor, got {tuple(buf.shape)} on {buf.device}")
+    if idx.dim() != 4 or tuple(idx.shape[:2]) != (B, Hkv) or idx.dtype != torch.int64:
+        raise ValueError(f"gather_blocks: idx must be int64 (B, Hkv, G, nsel) = ({B}, {Hkv}, ...), got "
+                         f"{tuple(idx.shape)} {idx.dtype}")
+    G, nsel = idx.shape[2:]
+    idx = idx.contiguous()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cap):
+        raise ValueError(f"gather_blocks: block numbers {int(idx.min())}..{int(idx.max())} outside 0..{cap - 1}")
+    out = torch.empty(B, Hkv, G, nsel, blk, D, dtype=buf.dtype)
+    if cos is not None:
+        if D % 2 or tuple(cos.shape) != (nsel * blk, D) or tuple(sin.shape) != (nsel * blk, D):
+            raise ValueError(f"gather_blocks: cos / sin must be ({nsel * blk}, {D}) with an even head dim, got "
+                             f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+        cos, sin = cos.to(buf.dtype).contiguous(), sin.to(buf.dtype).contiguous()
+    fn = getattr(lib, f"rt_gather_rope_{_suffix(buf)}")
+    fn(buf.data_ptr(), cap, idx.data_ptr(), None if cos is None else cos.data_ptr(),
+       None if sin is None else sin.data_ptr(), out.data_ptr(), B, Hkv, G, nsel, blk, D, torch.get_num_threads())
+    return out
+
+
+def combine_scores(s_loc: Tensor, s_blk: Tensor, s_lm: Tensor) -> Tuple[Tensor, Tensor]:
+    """Retrieval's grouped softmax for rows of queries: s_loc (..., Lc) local scores (-inf where
+    masked), s_blk (..., k, blk) the retrieved blocks' scores, s_lm (..., k) their landmarks'.
+    Returns (p_loc, w_blk): exp(s_loc - logZ) and exp(s_lm - logZ) x softmax(s_blk) over each
+    block, logZ = logsumexp over s_loc and s_lm; w_blk is written over s_blk (made contiguous)."""
+    lib = load()
+    *lead, k, blk = s_blk.shape
+    Lc = s_loc.shape[-1]
+    if tuple(s_loc.shape[:-1]) != tuple(lead) or tuple(s_lm.shape) != (*lead, k):
+        raise ValueError(f"combine_scores: s_loc {tuple(s_loc.shape)}, s_blk {tuple(s_blk.shape)}, s_lm "
+                         f"{tuple(s_lm.shape)} do not share their leading dims / k")
+    R = s_lm.numel() // max(1, k)
+    sb = s_blk.contiguous()
+    sl, sm = s_loc.to(sb.dtype).contiguous(), s_lm.to(sb.dtype).contiguous()
+    pl = torch.empty_like(sl)
+    getattr(lib, f"rt_combine_{_suffix(sb)}")(sl.data_ptr(), Lc, sb.data_ptr(), sm.data_ptr(), pl.data_ptr(), R, k,
+                                              blk, torch.get_num_threads())
+    return pl, sb

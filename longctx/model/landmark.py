@@ -66,6 +66,7 @@ class LandmarkAttention(SoftmaxAttention):
 # no window 0.64 at 512 tokens, 0.62 at 8K; 3 groups 0.83 at 512, 0.72 at 8K; 4 groups 1.00 at
 # 512, 1.00 at 8K, 0.97 at 32K (docs/landmark.md).
 LOCAL_GROUPS = 4
+_warned: list = []
 
 
 class LandmarkCache:
@@ -84,7 +85,7 @@ class LandmarkCache:
     input length is known up front, sizes them once: no regrowth copies."""
 
     def __init__(self, block: int, top_k: int, compressed_positions: bool = True, offload: bool = False,
-                 capacity: int = 0, local_groups: int = LOCAL_GROUPS):
+                 capacity: int = 0, local_groups: int = LOCAL_GROUPS, fused: bool = True):
         if top_k < 1:
             raise ValueError(f"landmark retrieval top_k={top_k}: use k >= 1 (the paper uses 4-5)")
         if local_groups < 0:
@@ -92,6 +93,9 @@ class LandmarkCache:
                              f"groups always attended, besides the top-k retrieved)")
         self.block, self.top_k, self.compressed, self.offload = block, top_k, compressed_positions, offload
         self.capacity, self.local_groups = int(capacity), int(local_groups)
+        # the retrieved blocks' gather + RoPE and the grouped softmax through the C helper
+        # (kernels/landmark_cpu.py) for float32 / float64 CPU tensors: fused_ok()
+        self.fused = bool(fused)
         self._buf: dict = {}  # name -> (B, Hkv, capacity, ...) buffer; lm_k on device, blk_k/blk_v on the store
         self.n_groups = 0
         self.cur_k: Optional[torch.Tensor] = None  # (B, Hkv, n, D) regular tokens of the open group
@@ -144,13 +148,29 @@ class LandmarkCache:
     def store(self, x: torch.Tensor) -> torch.Tensor:
         return x.to("cpu") if self.offload else x
 
+    def fused_ok(self, x: torch.Tensor) -> bool:
+        """Whether retrieval_forward takes the C helper's path for queries x: asked for (fused),
+        compressed positions (one RoPE table for every row), no gradient (the helper rotates
+        as apply_rope_nograd), float32 / float64 on the CPU with the blocks stored there too.
+        When the helper cannot be built: a warning, once, and the torch path."""
+        if not (self.fused and self.compressed and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64)):
+            return False
+        from longctx.kernels.landmark_cpu import available
+        ok, why = available()
+        if not ok and not _warned:
+            import warnings
+            warnings.warn(f"{why}; landmark retrieval runs the torch path (same results, slower)")
+            _warned.append(True)
+        return ok
+
     def repeat_rows(self, rows: int, capacity: int = 0) -> "LandmarkCache":
         """A cache of `rows` rows, each a copy of this one-row cache (RetrievalStream.fork), with
         buffers for max(capacity, n_groups) groups (sized once: regrowing a many-row cache copies it)."""
         if self.cur_k is not None and self.cur_k.shape[0] != 1 or self._buf and next(iter(self._buf.values())).shape[0] != 1:
             raise ValueError("LandmarkCache.repeat_rows: only a one-row cache can be repeated")
         new = LandmarkCache(self.block, self.top_k, self.compressed, self.offload, max(capacity, self.capacity),
-                            self.local_groups)
+                            self.local_groups, self.fused)
         new.n_groups, new.next_pos, new._rope = self.n_groups, self.next_pos, self._rope
         cap = max(capacity, self.n_groups, 16)
         for name, buf in self._buf.items():
@@ -254,14 +274,24 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
-        sidx = idx.to(cache.stacked("blk_k").device)
-        rk = cache.stacked("blk_k")[bi, hi, sidx].to(q.device)  # (B, Hkv, G, k, blk, D): only k blocks move
-        rv = cache.stacked("blk_v")[bi, hi, sidx].to(q.device)
-        rl = lmk[bi, hi, idx.to(lmk.device)]  # (B, Hkv, G, k, D)
+        fused = cache.fused_ok(q)
         gpos = torch.arange(n_sel)
+        rl = lmk[bi, hi, idx.to(lmk.device)]  # (B, Hkv, G, k, D)
+        if fused:  # gathered and rotated in one pass, as the torch path below does it in three
+            from longctx.kernels.landmark_cpu import gather_blocks
+            tok_pos = (gpos[:, None] * W + torch.arange(blk)[None]).reshape(-1)
+            cos, sin = cache.rope_table(mixer, q.dtype, q.device, n_sel * W)
+            rk = gather_blocks(cache._buf["blk_k"], idx, cos[tok_pos], sin[tok_pos])  # (B, Hkv, G, k, blk, D)
+            rv = gather_blocks(cache._buf["blk_v"], idx)
+        else:
+            sidx = idx.to(cache.stacked("blk_k").device)
+            rk = cache.stacked("blk_k")[bi, hi, sidx].to(q.device)  # (B, Hkv, G, k, blk, D): only k blocks move
+            rv = cache.stacked("blk_v")[bi, hi, sidx].to(q.device)
         if cache.compressed:
-            tok_pos = gpos[:, None] * W + torch.arange(blk)[None]  # (k, blk)
-            rk = _rope_at(mixer, rk.flatten(3, 4).flatten(1, 2), tok_pos.reshape(-1), cache).view(B, Hkv, G, n_sel, blk, D)
+            if not fused:
+                tok_pos = gpos[:, None] * W + torch.arange(blk)[None]  # (k, blk)
+                rk = _rope_at(mixer, rk.flatten(3, 4).flatten(1, 2), tok_pos.reshape(-1), cache).view(
+                    B, Hkv, G, n_sel, blk, D)
             rl = _rope_at(mixer, rl.flatten(1, 2), gpos * W + blk, cache).view(B, Hkv, G, n_sel, D)
         else:  # original positions: each head's own groups
             tok_pos = idx[..., None] * W + torch.arange(blk)  # (B, Hkv, G, k, blk)
@@ -269,13 +299,17 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
             rl = _rope_rows(mixer, rl[..., None, :], idx[..., None] * W + blk)[..., 0, :]
         s_blk = torch.einsum("bhgqd,bhgcjd->bhgqcj", qg, rk) * scale  # (B, Hkv, G, n, k, blk)
         s_lm = torch.einsum("bhgqd,bhgcd->bhgqc", qg, rl) * scale  # (B, Hkv, G, n, k)
-        logZ = torch.logsumexp(torch.cat([s_loc, s_lm], -1), -1, keepdim=True)  # (B, Hkv, G, n, 1)
-        within = torch.softmax(s_blk, -1)
-        w_blk = torch.exp(s_lm - logZ)[..., None] * within
+        if fused:
+            from longctx.kernels.landmark_cpu import combine_scores
+            p_loc, w_blk = combine_scores(s_loc, s_blk, s_lm)
+        else:
+            logZ = torch.logsumexp(torch.cat([s_loc, s_lm], -1), -1, keepdim=True)  # (B, Hkv, G, n, 1)
+            within = torch.softmax(s_blk, -1)
+            w_blk = torch.exp(s_lm - logZ)[..., None] * within
+            p_loc = torch.exp(s_loc - logZ)
         out = torch.einsum("bhgqcj,bhgcjd->bhgqd", w_blk, rv)
     else:
-        logZ = torch.logsumexp(s_loc, -1, keepdim=True)
-    p_loc = torch.exp(s_loc - logZ)
+        p_loc = torch.exp(s_loc - torch.logsumexp(s_loc, -1, keepdim=True))
     o_loc = torch.einsum("bhgqk,bhkd->bhgqd", p_loc, loc_v)
     o = o_loc if out is None else o_loc + out
     # the open group grows; a landmark closes it
@@ -329,7 +363,7 @@ class RetrievalStream:
     attention layer must be `landmark`; recurrent mixers (lightning) carry their state."""
 
     def __init__(self, model, block: int, landmark_id: int, top_k: int = 4, compressed_positions: bool = True,
-                 offload: bool = False, local_groups: int = LOCAL_GROUPS):
+                 offload: bool = False, local_groups: int = LOCAL_GROUPS, fused: bool = True):
         from longctx.model.transformer import SeqContext  # noqa: F401 (import check)
         bad = sorted({type(l.mixer).__name__ for l in model.layers
                       if not isinstance(l.mixer, LandmarkAttention) and not getattr(l.mixer, "carries_state", False)})
@@ -338,7 +372,7 @@ class RetrievalStream:
                              f"(use landmark attention in every attention layer)")
         self.model, self.block, self.landmark_id = model.eval(), block, landmark_id
         self.state = {"landmark_retrieval": dict(top_k=top_k, compressed_positions=compressed_positions,
-                                                 offload=offload, local_groups=local_groups)}
+                                                 offload=offload, local_groups=local_groups, fused=fused)}
         self.pos = 0
         self.last_hidden: Optional[torch.Tensor] = None
 

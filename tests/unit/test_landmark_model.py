@@ -248,3 +248,31 @@ def test_fork_copies_every_row_and_refuses_what_it_cannot_copy():
         RetrievalStream(m, BLOCK, LM_ID).generate(np.arange(5), 0)
     with pytest.raises(ValueError, match="batch=0"):
         RetrievalStream.generate_shared(m, BLOCK, LM_ID, [np.arange(5)], 2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("offload", [False, True])
+def test_fused_retrieval_equals_torch_path(dtype, offload):
+    """The C helper's gather + RoPE and grouped softmax (fused, the default on CPU) against the
+    torch path, streaming past the local window so that top-k picks (GQA: 2 query heads per KV
+    head); float64 to 1e-12, float32 within its rounding (the C exp is ~1 ulp)."""
+    m = model("[landmark]").to(dtype)
+    ids = stream_ids(23 * BLOCK + 3, seed=4)
+    outs = [RetrievalStream(m, BLOCK, LM_ID, top_k=2, offload=offload, fused=f).feed(ids) for f in (True, False)]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(outs[0], outs[1], atol=tol, rtol=tol), float((outs[0] - outs[1]).abs().max())
+
+
+def test_fused_retrieval_helpers_refuse_bad_input():
+    from longctx.kernels.landmark_cpu import combine_scores, gather_blocks
+    buf = torch.randn(1, 2, 6, 3, 4)
+    with pytest.raises(ValueError, match="outside 0..5"):
+        gather_blocks(buf, torch.tensor([[[[0, 6]], [[1, 2]]]]))
+    with pytest.raises(ValueError, match="int64"):
+        gather_blocks(buf, torch.zeros(1, 2, 1, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\(6, 4\)"):
+        gather_blocks(buf, torch.zeros(1, 2, 1, 2, dtype=torch.int64), torch.ones(5, 4), torch.ones(5, 4))
+    got = gather_blocks(buf, torch.tensor([[[[5, 0]], [[1, 1]]]]))
+    assert torch.equal(got[0, 0, 0, 0], buf[0, 0, 5]) and torch.equal(got[0, 1, 0, 1], buf[0, 1, 1])
+    with pytest.raises(ValueError, match="leading dims"):
+        combine_scores(torch.zeros(2, 3), torch.zeros(2, 2, 4), torch.zeros(2, 3))
