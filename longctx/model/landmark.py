@@ -167,7 +167,8 @@ class LandmarkCache:
     def repeat_rows(self, rows: int, capacity: int = 0) -> "LandmarkCache":
         """A cache of `rows` rows, each a copy of this one-row cache (RetrievalStream.fork), with
         buffers for max(capacity, n_groups) groups (sized once: regrowing a many-row cache copies it)."""
-        if self.cur_k is not None and self.cur_k.shape[0] != 1 or self._buf and next(iter(self._buf.values())).shape[0] != 1:
+        if (self.cur_k is not None and self.cur_k.shape[0] != 1) or \
+                (self._buf and next(iter(self._buf.values())).shape[0] != 1):
             raise ValueError("LandmarkCache.repeat_rows: only a one-row cache can be repeated")
         new = LandmarkCache(self.block, self.top_k, self.compressed, self.offload, max(capacity, self.capacity),
                             self.local_groups, self.fused)
