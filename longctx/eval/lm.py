@@ -218,10 +218,12 @@ def load_eval_model(path: str, overrides: Optional[List[str]] = None, retrieval_
     return _eval_model(cfg, weights, name, retrieval_k)
 
 
-def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None, retrieval_k: int = 0):
+def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None, retrieval_k: int = 0,
+                       retrieval_local: Optional[int] = None):
     """(LMEval, tokenizer, cfg, name) for a Hugging Face model folder or one in our own format
     (landmark / hybrid models: model/hf.py save_native); its tokenizer.json when present, else
-    the byte tokenizer. retrieval_k: landmark models retrieve the top-k blocks (0: exact)."""
+    the byte tokenizer. retrieval_k: landmark models retrieve the top-k blocks (0: exact), beside
+    a local window of retrieval_local groups (None: LOCAL_GROUPS)."""
     from longctx.config import load_config
     from longctx.model import hf
     mcfg = hf.folder_model_config(folder)
@@ -242,10 +244,10 @@ def load_hf_eval_model(folder: str, overrides: Optional[List[str]] = None, retri
                              f"({cfg.data.tokenizer}) reserves {tok_id}: the folder's tokenizer files do not "
                              f"belong to this model")
     return _eval_model(cfg, lambda model: hf.load_hf_weights(model, folder),
-                       f"hf:{os.path.basename(os.path.abspath(folder))}", retrieval_k)
+                       f"hf:{os.path.basename(os.path.abspath(folder))}", retrieval_k, retrieval_local)
 
 
-def _eval_model(cfg, load_weights, name: str, retrieval_k: int = 0):
+def _eval_model(cfg, load_weights, name: str, retrieval_k: int = 0, retrieval_local: Optional[int] = None):
     """Build the model of `cfg`, fill it with load_weights(model), set up sequence parallelism."""
     from longctx.config import sp_degrees, sp_layout
     from longctx.parallel.groups import build_mesh, init_distributed
@@ -263,5 +265,6 @@ def _eval_model(cfg, load_weights, name: str, retrieval_k: int = 0):
     model = DecoderLM(cfg.model)
     load_weights(model)
     tok = load_tokenizer(cfg.data.tokenizer)
-    return (LMEval(model, cfg, sp, layout, ulysses, eos_id=None, landmark_id=tok.landmark_id, retrieval_k=retrieval_k),
+    return (LMEval(model, cfg, sp, layout, ulysses, eos_id=None, landmark_id=tok.landmark_id, retrieval_k=retrieval_k,
+                   retrieval_local=retrieval_local),
             tok, cfg, name)
