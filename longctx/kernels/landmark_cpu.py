@@ -340,6 +340,17 @@ def tile_grads(s: Tensor, lse: Tensor, dterm: Tensor, dp: Tensor, qs: int, bq: i
     return dp, p, dl
 
 
+def _tiles(B: int, H: int, T: int, block: int, tile: Optional[int]):
+    """The query tiles of landmark_torch's paths: (qs, qe, bq, ke, ng) per tile, ke the end of
+    the keys they may see (whole groups) and ng their groups."""
+    from longctx.kernels.landmark_torch import _group_ends, _rows_per_tile
+    rows = _rows_per_tile(B, H, T, tile)
+    for qs in range(0, T, rows):
+        qe = min(T, qs + rows)
+        ke = _group_ends(T, block, qe)
+        yield qs, qe, qe - qs, ke, -(-ke // (block + 1))
+
+
 def _rows(x: Tensor, qs: int, qe: int) -> Tensor:
     """(B, Hkv, G, T, D) -> the tile's rows as (B, Hkv, G * bq, D), contiguous."""
     B, Hkv, G = x.shape[:3]
@@ -350,20 +361,16 @@ def _rows(x: Tensor, qs: int, qe: int) -> Tensor:
 def landmark_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float,
                      tile: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """landmark_fwd_torch with the weights from the C helper: same arguments and results."""
-    from longctx.kernels.landmark_torch import _group_ends, _rows_per_tile, _v_regular
+    from longctx.kernels.landmark_torch import _v_regular
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    G, W = H // Hkv, block + 1
+    G = H // Hkv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.view(B, Hkv, G, T, D)
     kc = k.to(cdt)
     o = torch.empty(B, Hkv, G, T, Dv, dtype=cdt)
     lse = torch.empty(B, Hkv, G, T, dtype=cdt)
-    rows = _rows_per_tile(B, H, T, tile)
-    for qs in range(0, T, rows):
-        qe = min(T, qs + rows)
-        bq, ke = qe - qs, _group_ends(T, block, qe)
-        ng = -(-ke // W)
+    for qs, qe, bq, ke, ng in _tiles(B, H, T, block, tile):
         s = torch.matmul(_rows(qg, qs, qe).to(cdt) * scale, kc[:, :, :ke].transpose(-1, -2))  # (B, Hkv, G * bq, ke)
         p, lt = tile_weights(s.view(-1, ke), qs, bq, ke, ng, block)
         o[:, :, :, qs:qe] = torch.matmul(p.view(B, Hkv, G * bq, ng * block),
@@ -376,7 +383,7 @@ def landmark_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float,
 def landmark_bwd_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block: int,
                      scale: float, tile: Optional[int] = None):
     """landmark_bwd_torch with dS, P and the landmarks' gradients from the C helper."""
-    from longctx.kernels.landmark_torch import _group_ends, _rows_per_tile, _v_regular
+    from longctx.kernels.landmark_torch import _v_regular
     B, H, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, W = H // Hkv, block + 1
@@ -389,11 +396,7 @@ def landmark_bwd_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
     dq = torch.empty(B, Hkv, G, T, D, dtype=cdt)
     dk = torch.zeros(B, Hkv, T, D, dtype=cdt)
     dv = torch.zeros(B, Hkv, T, Dv, dtype=cdt)
-    rows = _rows_per_tile(B, H, T, tile)
-    for qs in range(0, T, rows):
-        qe = min(T, qs + rows)
-        bq, ke = qe - qs, _group_ends(T, block, qe)
-        ng = -(-ke // W)
+    for qs, qe, bq, ke, ng in _tiles(B, H, T, block, tile):
         qt = _rows(qg, qs, qe).to(cdt)  # (B, Hkv, G * bq, D)
         dot = _rows(dog, qs, qe)
         s = torch.matmul(qt * scale, kc[:, :, :ke].transpose(-1, -2))  # (B, Hkv, G * bq, ke)
