@@ -117,8 +117,9 @@ def test_bf16_against_float32_reference(monkeypatch):
 
 
 def test_auto_takes_torch_on_cpu_and_triton_for_cuda(monkeypatch):
-    """'auto' on CPU tensors is the torch path even under the interpreter (float64 works there);
-    asked by name, triton is what runs (a sabotaged kernel changes the result)."""
+    """'auto' on CPU tensors is the CPU path (torch with the C helper) even under the interpreter
+    (float64 works there); asked by name, triton is what runs (a sabotaged kernel changes the
+    result)."""
     q, k, v = make(1, 2, 1, 20, 16, 16, dtype=torch.float64)
     assert torch.isfinite(landmark_attn(q, k, v, 16)).all()
     q, k, v = make(1, 2, 1, 20, 16, 16)
@@ -126,7 +127,8 @@ def test_auto_takes_torch_on_cpu_and_triton_for_cuda(monkeypatch):
     monkeypatch.setattr(lt, "landmark_fwd_triton", lambda *a, **kw: (torch.zeros_like(ref), None))
     assert (landmark_attn(q, k, v, 16, backend="triton") == 0).all()
     if DEV == "cpu":
-        assert torch.equal(landmark_attn(q, k, v, 16, backend="auto"), ref)
+        assert torch.equal(landmark_attn(q, k, v, 16, backend="auto"), landmark_attn(q, k, v, 16, backend="cpu"))
+        assert torch.allclose(landmark_attn(q, k, v, 16, backend="auto"), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -143,13 +145,13 @@ def test_bad_input_names_value_and_what_is_valid(kw, match):
         landmark_attn(q, k, v, block, backend="triton")
     with pytest.raises(ValueError, match=match):
         lt.landmark_fwd_triton(q, k, v, block, 0.25)
-    o = landmark_attn(q, k, v, block, backend="auto")  # auto falls back to the torch path
+    o = landmark_attn(q, k, v, block, backend="auto")  # auto takes a path that supports it (torch / the C helper)
     assert torch.isfinite(o).all() and o.shape == (1, 2, 20, kw.get("Dv", 16))
 
 
 def test_unknown_backend():
     q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="backend='cuda'.*'auto', 'torch' or 'triton'"):
+    with pytest.raises(ValueError, match="backend='cuda'.*'auto', 'torch', 'cpu' or 'triton'"):
         landmark_attn(q, q, q, 4, backend="cuda")
 
 
