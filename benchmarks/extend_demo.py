@@ -192,8 +192,8 @@ def exact(pred: List[int], answer: np.ndarray, tok) -> bool:
 @torch.no_grad()
 def passkey_accuracy(lm, tok, samples: List[dict], retrieval_k: int, batch: int) -> List[bool]:
     """Greedy retrieval of each sample's key. Landmark models: the retrieval stream (top-k blocks
-    per head), `batch` prompts decoded together, their shared prefix once (each row as alone, up
-    to rounding: RetrievalStream.generate_shared). Others: one causal
+    per head), `batch` prompts decoded together, their shared prefix once
+    (RetrievalStream.generate_shared: top-k chosen per fed call, see there). Others: one causal
     forward over prompt + answer, whose argmax at each answer position is the greedy token given
     the answer so far: the greedy output starts with the answer iff every one of them is right."""
     from longctx.model.landmark import RetrievalStream

@@ -37,7 +37,9 @@ attention, both trained here from scratch on 512-token passkey windows (issue 6)
      host store), greedy decoding, --batch prompts decoded together, the prompts taken in
      sorted order and their shared prefix (everything before the first key of the batch)
      computed once by a one-row stream that is then forked (RetrievalStream.generate_shared:
-     each row gets its own tokens at its own positions, as alone, up to rounding);
+     each row gets its own tokens at its own positions; top-k is chosen per fed call, and the
+     group at the fork point and a longer row's last few prompt tokens are fed in smaller calls
+     than when a prompt is fed alone, so their selection can differ);
    - plain: one full causal forward over prompt + answer (teacher forcing).
    A trial counts when the greedy continuation is exactly the key's digits followed by a
    non-digit (for a causal model teacher forcing decides this exactly: greedy output starts
@@ -60,7 +62,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -121,13 +123,18 @@ def rounds_on_disk(run: str) -> List[str]:
     return [d for _, d in sorted(found)]
 
 
-def finished(run_dir: str, steps: int, seed: int) -> bool:
+def finished(run_dir: str, steps: int, seed: int, start: Optional[str] = None) -> bool:
     """run_dir holds a checkpoint at step `steps` (its stage ran to the end) of a run whose
-    config.yaml has data.seed == seed (a folder of another seed scheme is not this stage)."""
+    config.yaml has data.seed == seed (a folder of another seed scheme is not this stage) and
+    started from `start` (init.from_checkpoint; None: from scratch), so a long stage trained
+    from the other --landmark-trunk is not kept."""
     try:
         from omegaconf import OmegaConf
+        cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+        init = OmegaConf.select(cfg, "init.from_checkpoint")
+        same_start = (os.path.abspath(init) if init else None) == (os.path.abspath(start) if start else None)
         return (ckpt.step_of(os.path.basename(ckpt.resolve_folder(run_dir))) == steps
-                and int(OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.seed) == seed)
+                and int(cfg.data.seed) == seed and same_start)
     except Exception:  # noqa: BLE001 - no checkpoint or config, or an unreadable one: not finished
         return False
 
@@ -298,10 +305,11 @@ def main(argv=None) -> int:
         plan += [(run, [f"data.seed={stage_seed(len(STAGES))}"], "")]
         index = {st: i for i, (st, _, _) in enumerate(STAGES)}
         index[""] = len(STAGES)
-        targets = {d: (stage_steps[st], stage_seed(index[st])) for d, _, st in plan}
-        targets.update({f"{run}-more{r}": (args.round_steps, stage_seed(len(STAGES) + r))
-                        for r in range(1, args.max_rounds + 1)})
         start = runs["plain"] + "-mid" if trunk else None
+        chain_dirs = [start] + [d for d, _, _ in plan] + [f"{run}-more{r}" for r in range(1, args.max_rounds + 1)]
+        targets = {d: (stage_steps[st], stage_seed(index[st]), chain_dirs[i]) for i, (d, _, st) in enumerate(plan)}
+        targets.update({f"{run}-more{r}": (args.round_steps, stage_seed(len(STAGES) + r), chain_dirs[len(plan) + r - 1])
+                        for r in range(1, args.max_rounds + 1)})
         # kept only while every stage before it is kept (each starts from the last)
         chain = args.resume and start not in trained_now
         for d in list(targets) + [x for x in rounds_on_disk(run) if x not in targets]:

@@ -39,8 +39,9 @@ _SRC = r"""
 /* exp for float32 that the compiler vectorises (libm's expf is a call per element: the whole
    cost of the pass). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for
    e^r, 2^n from the exponent bits; relative error ~1.2e-7 (about 1 ulp, as torch's vectorised
-   exp). Below -87.3 it returns 0 (no denormals: under 1.2e-38 off), above 88.72 +inf; -inf -> 0,
-   NaN -> NaN. */
+   exp). Below -87.3 it returns 0 (no denormals: under 1.2e-38 off); from ~88.38 up +inf (2^128
+   overflows the exponent bits: torch gives finite values up to 88.72); -inf -> 0, NaN -> NaN.
+   The callers pass only x <= 0 (scores minus their max or lse). */
 static inline float exp_f32(float x) {
     const float lo = -87.33654f, hi = 88.72283f;
     float xc = x < lo ? lo : (x > hi ? hi : x);
@@ -437,6 +438,8 @@ def gather_blocks(buf: Tensor, idx: Tensor, cos: Optional[Tensor] = None, sin: O
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cap):
         raise ValueError(f"gather_blocks: block numbers {int(idx.min())}..{int(idx.max())} outside 0..{cap - 1}")
     out = torch.empty(B, Hkv, G, nsel, blk, D, dtype=buf.dtype)
+    if (cos is None) != (sin is None):
+        raise ValueError("gather_blocks: pass both cos and sin, or neither")
     if cos is not None:
         if D % 2 or tuple(cos.shape) != (nsel * blk, D) or tuple(sin.shape) != (nsel * blk, D):
             raise ValueError(f"gather_blocks: cos / sin must be ({nsel * blk}, {D}) with an even head dim, got "
@@ -455,6 +458,8 @@ def combine_scores(s_loc: Tensor, s_blk: Tensor, s_lm: Tensor) -> Tuple[Tensor, 
     block, logZ = logsumexp over s_loc and s_lm; w_blk is written over s_blk (made contiguous)."""
     lib = load()
     *lead, k, blk = s_blk.shape
+    if k < 1 or blk < 1:
+        raise ValueError(f"combine_scores: s_blk {tuple(s_blk.shape)} holds no block (k >= 1 blocks of >= 1 keys)")
     Lc = s_loc.shape[-1]
     if tuple(s_loc.shape[:-1]) != tuple(lead) or tuple(s_lm.shape) != (*lead, k):
         raise ValueError(f"combine_scores: s_loc {tuple(s_loc.shape)}, s_blk {tuple(s_blk.shape)}, s_lm "

@@ -233,7 +233,7 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, block: int, backend: str) -> str:
     if backend == "cpu":
         from longctx.kernels.landmark_cpu import available
         ok, why = available()
-        if q.is_cuda or q.dtype not in (torch.float32, torch.float64) or not ok:
+        if any(x.device.type != "cpu" for x in (q, k, v)) or q.dtype not in (torch.float32, torch.float64) or not ok:
             raise ValueError(f"backend='cpu' needs float32 / float64 CPU tensors and the C helper; got "
                              f"{q.dtype} on {q.device}{'' if ok else ' (' + why + ')'}")
         return "cpu"

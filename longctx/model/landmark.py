@@ -275,7 +275,8 @@ def retrieval_forward(mixer: "LandmarkAttention", x_BLD: torch.Tensor, cache: La
         idx = select_groups(s_sel, n_loc, n_sel - n_loc)  # (B, Hkv, G, n_sel), in original order
         bi = torch.arange(B)[:, None, None, None]
         hi = torch.arange(Hkv)[None, :, None, None]
-        fused = cache.fused_ok(q)
+        # (no table under dynamic NTK, whose frequencies follow each call's positions: torch path)
+        fused = cache.fused_ok(q) and cache.rope_table(mixer, q.dtype, q.device, n_sel * W) is not None
         gpos = torch.arange(n_sel)
         rl = lmk[bi, hi, idx.to(lmk.device)]  # (B, Hkv, G, k, D)
         if fused:  # gathered and rotated in one pass, as the torch path below does it in three
@@ -428,10 +429,13 @@ class RetrievalStream:
         """Greedy continuation of regular prompt ids (landmarks inserted on the way).
 
         prompt_ids (Lp,) -> List[int]; (B, Lp), or a list of B prompts of different lengths -> B
-        lists, the rows decoded in step, each exactly as it would be alone: the rows share
-        positions, so a row whose prompt ends first feeds its own greedy tokens while the longer
-        ones feed the rest of theirs. A row stops at eos_id or after max_new_tokens; the others go
-        on."""
+        lists, the rows decoded in step: the rows share positions, so a row whose prompt ends
+        first feeds its own greedy tokens while the longer ones feed the rest of theirs, one token
+        per call. Each row sees its own tokens at their own positions, but top-k selection is
+        made per call (the largest landmark score over the call's queries): a longer row's prompt
+        tail, fed a token at a time, may select other blocks than when its whole prompt is fed
+        at once. Rows of equal length decode exactly as alone (up to rounding). A row stops at
+        eos_id or after max_new_tokens; the others go on."""
         if isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim == 1 or \
                 isinstance(prompt_ids, (list, tuple)) and prompt_ids and np.isscalar(prompt_ids[0]):
             return self.generate([np.asarray(prompt_ids)], max_new_tokens, eos_id)[0]
@@ -446,8 +450,6 @@ class RetrievalStream:
             total = max(lens) + max_new_tokens + 1
             self.state["landmark_retrieval"]["capacity"] = total // self.block + 1
         W, m = self.block + 1, min(lens)
-        if max_new_tokens < 1:
-            raise ValueError(f"RetrievalStream.generate: max_new_tokens={max_new_tokens}; use >= 1")
         if m:
             self.feed(np.stack([insert_landmarks(r[:m], self.block, self.landmark_id, self.pos) for r in rows]))
         elif self.last_hidden is None:
@@ -455,6 +457,8 @@ class RetrievalStream:
         if self.pos % W == self.block:  # the common part filled a group: its landmark comes next
             self.feed(np.full((len(rows), 1), self.landmark_id))
         out: List[List[int]] = [[] for _ in rows]
+        if max_new_tokens < 1:
+            return out
         done = np.zeros(len(rows), dtype=bool)
         t = m  # the regular index of the token fed next (the last hidden state predicts it)
         while True:
@@ -483,10 +487,12 @@ class RetrievalStream:
         once: the prompts are taken in sorted order (prompts with a long common prefix side by
         side), one one-row "trunk" stream is fed each batch's common prefix (continuing from the
         batch before when that batch's prefix is a prefix of this one's) and fork()ed into the
-        batch's rows, which go on with their own tokens. Each row's tokens are those it would get
-        alone (greedy, the same positions; sums grouped differently, so equal up to rounding).
-        A passkey set of one length shares everything before each key: the rows compute about
-        half their tokens. progress(n): called after each batch with its rows. Returns the
+        batch's rows, which go on with their own tokens (greedy, the same positions). Not exactly
+        as alone: top-k selection is made per fed call (the largest landmark score over its
+        queries), and the group holding the fork point is fed in two calls (the trunk's part,
+        then the rows'), as are the prompt tails of a batch's longer rows (generate): those
+        groups may select other blocks than one whole-group call would. A passkey set of one
+        length shares everything before each key: the rows compute about half their tokens. progress(n): called after each batch with its rows. Returns the
         continuations in the prompts' order."""
         if batch < 1:
             raise ValueError(f"generate_shared: batch={batch}; use >= 1 rows per batch")
