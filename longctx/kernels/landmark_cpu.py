@@ -93,15 +93,15 @@ static T group_exp_##SUF(const T* g, T* e, int64_t blk) {                       
     return sum;                                                                                    \
 }                                                                                                  \
 void lm_fwd_##SUF(const T* s, int64_t ld_s, T* p, T* lse, int64_t r0, int64_t r1, int64_t bq,      \
-                  int64_t qs, int64_t ke, int64_t ng, int64_t blk, int has_lse, int nthreads) {    \
+                  int64_t qs, int64_t ke, int64_t ng, int64_t blk, int nthreads) {                 \
     const int64_t W = blk + 1;                                                                     \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                             \
     for (int64_t r = r0; r < r1; ++r) {                                                            \
         const T* sr = s + r * ld_s;                                                                \
         T* pr = p + r * ng * blk;                                                                  \
         const int64_t i = qs + r % bq, b = i / W;                                                  \
-        const T L = has_lse ? lse[r] : lse_row_##SUF(sr, i, b, W, blk, ke);                        \
-        if (!has_lse) lse[r] = L;                                                                  \
+        const T L = lse_row_##SUF(sr, i, b, W, blk, ke);                                           \
+        lse[r] = L;                                                                                \
         for (int64_t c = 0; c < b; ++c) {                                                          \
             T* pc = pr + c * blk;                                                                  \
             T sum = group_exp_##SUF(sr + c * W, pc, blk);                                          \
@@ -280,7 +280,7 @@ def load():
             raise RuntimeError(_why) from e
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         for suf in ("f32", "f64"):
-            getattr(lib, f"lm_fwd_{suf}").argtypes = [ptr, i64, ptr, ptr] + [i64] * 7 + [ctypes.c_int] * 2
+            getattr(lib, f"lm_fwd_{suf}").argtypes = [ptr, i64, ptr, ptr] + [i64] * 7 + [ctypes.c_int]
             getattr(lib, f"lm_bwd_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr] + [i64] * 7 + [ctypes.c_int]
             getattr(lib, f"rt_gather_rope_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_int]
             getattr(lib, f"rt_combine_{suf}").argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -305,21 +305,18 @@ def _suffix(x: Tensor) -> str:
     raise ValueError(f"landmark CPU helper: dtype {x.dtype}; supported float32 and float64")
 
 
-def tile_weights(s: Tensor, qs: int, bq: int, ke: int, ng: int, block: int,
-                 lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def tile_weights(s: Tensor, qs: int, bq: int, ke: int, ng: int, block: int) -> Tuple[Tensor, Tensor]:
     """s (R, ke) contiguous scores of R = (batch x heads) x bq query rows qs..qs+bq-1 (row r at
     position qs + r % bq) against keys 0..ke-1, landmarks included. Returns P (R, ng * block),
-    the weights of the regular keys (landmark_torch._tile_weights' P, flattened), and lse (R,)
-    (computed, or the one given)."""
+    the weights of the regular keys (landmark_torch._tile_weights' P, flattened), and lse (R,)."""
     lib = load()
     R = s.shape[0]
     if not s.is_contiguous() or s.dim() != 2 or s.shape[1] != ke:
         raise ValueError(f"tile_weights: s must be contiguous (rows, {ke}), got {tuple(s.shape)}")
     p = torch.empty(R, ng * block, dtype=s.dtype)
-    out = torch.empty(R, dtype=s.dtype) if lse is None else lse.contiguous()
+    out = torch.empty(R, dtype=s.dtype)
     fn = getattr(lib, f"lm_fwd_{_suffix(s)}")
-    has = 0 if lse is None else 1
-    fn(s.data_ptr(), ke, p.data_ptr(), out.data_ptr(), 0, R, bq, qs, ke, ng, block, has, torch.get_num_threads())
+    fn(s.data_ptr(), ke, p.data_ptr(), out.data_ptr(), 0, R, bq, qs, ke, ng, block, torch.get_num_threads())
     return p, out
 
 
