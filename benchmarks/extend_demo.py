@@ -17,9 +17,13 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
    plain RoPE, model.max_seq_len 256. Export with hf.save_pretrained (a Llama folder with the
    tokenizer).
 3. Extend to 4K with `extend(...)` (each stage through the trainer, the same data mixture):
-   - yarn: one stage at 4K (YaRN factor 16, original_max_position_embeddings 256);
+   - yarn: staged, 4x per stage (--yarn-per-stage): --steps-yarn at 1K (YaRN factor 4), then as
+     many at 4K (factor 16), each stage at lr --lr-yarn (3e-4) with warm-up and cosine decay to
+     0.1x (--yarn-min-lr-ratio). One stage at 4K, or lr 5e-4 / 1e-3, lost the copying (0-60% at 4K:
+     docs/benchmarks.md);
    - landmark: converted (landmark attention in every layer, block --landmark-block), fine-tuned
-     at 256 tokens with plain RoPE (the landmark paper's recipe), read at 4K through the block
+     --steps-landmark (800) at 256 tokens with plain RoPE (the landmark paper's recipe), lr 1e-3
+     cosine to 0.1x (400 steps at a constant rate kept copying in some runs only), read at 4K through the block
      retrieval cache (top --retrieval-k 3 blocks per head beside a local window of
      --retrieval-local 2 groups: with the open group, 6 groups of 33 = 198 positions, inside the
      256-token window the model was fine-tuned on. The defaults of issue 6 (4 + 4, 297
@@ -44,7 +48,7 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
 
 --markdown writes the printed table into that file (a section between markers, replaced on a
 rerun); every process uses --threads torch threads (2 by default, for a machine no other job
-uses: the recorded run took 14.0 min, its pretraining 397 s; an older record with 1 thread and
+uses: the recorded run (2026-11-28) took 18.1 min, its pretraining 369 s; an older record with 1 thread and
 fixed-length passkey prompts took 26.6 min; pass 1 where another job holds a core, as two
 threads per process then ran up to 10x slower). Passkey prompts after the short
 stage are of every length from --passkey-min-len (70) to the window: with prompts that always
@@ -255,8 +259,10 @@ def extend_one(method: str, src: str, work: str, data: Dict[str, str], args) -> 
               "checkpoint.keep_last=1"]
     kw = dict(data=data["train"], evaluate=False, progress=True, progress_every=30.0, overrides=common)
     if method == "yarn":
-        kw.update(steps=args.steps_yarn, lr=args.lr_extend, tokens_per_step=args.tokens_4k, per_stage=TARGET / L0)
+        kw["overrides"] = common + [f"train.min_lr_ratio={args.yarn_min_lr_ratio}"]
+        kw.update(steps=args.steps_yarn, lr=args.lr_yarn, tokens_per_step=args.tokens_4k, per_stage=args.yarn_per_stage)
     elif method == "landmark":
+        kw["overrides"] = common + [f"train.min_lr_ratio={args.landmark_min_lr_ratio}"]
         kw.update(steps=args.steps_landmark, lr=args.lr_landmark, tokens_per_step=args.batch * L0,
                   landmark_block=args.landmark_block, train_len=args.landmark_train_len,
                   per_stage=args.landmark_train_len / L0)
@@ -408,14 +414,23 @@ def main(argv=None) -> int:
                          "copying forms sooner at 1e-3 than at 3e-3 for the 3-layer passkey model")
     ap.add_argument("--pretrain-steps", type=int, default=400, help="steps at 256 tokens")
     ap.add_argument("--train-chars", type=int, default=8_000_000, help="characters of training corpus")
-    ap.add_argument("--steps-yarn", type=int, default=100)
-    ap.add_argument("--steps-landmark", type=int, default=400)
+    ap.add_argument("--steps-yarn", type=int, default=150, help="steps of each yarn stage")
+    ap.add_argument("--yarn-per-stage", type=float, default=4.0,
+                    help="yarn: growth factor of each stage (4: 256 -> 1K -> 4K, --steps-yarn steps each; 16: one "
+                         "stage at 4K)")
+    ap.add_argument("--lr-yarn", type=float, default=3e-4,
+                    help="yarn fine-tune peak learning rate (5e-4 and 1e-3 lost copying: docs/benchmarks.md)")
+    ap.add_argument("--yarn-min-lr-ratio", type=float, default=0.1,
+                    help="yarn: cosine decay to this share of --lr-yarn in each stage (1: constant)")
+    ap.add_argument("--steps-landmark", type=int, default=800)
     ap.add_argument("--steps-hybrid", type=int, default=60)
     ap.add_argument("--hybrid-train-len", type=int, default=1024,
                     help="hybrid LM fine-tune length (rope set for 4K; lightning layers have no length limit)")
     ap.add_argument("--tokens-4k", type=int, default=8192, help="tokens per step of the 4K fine-tunes (yarn, hybrid)")
-    ap.add_argument("--lr-extend", type=float, default=1e-3, help="yarn / hybrid fine-tune learning rate")
+    ap.add_argument("--lr-extend", type=float, default=1e-3, help="hybrid fine-tune learning rate")
     ap.add_argument("--lr-landmark", type=float, default=1e-3)
+    ap.add_argument("--landmark-min-lr-ratio", type=float, default=0.1,
+                    help="landmark fine-tune: cosine decay to this share of --lr-landmark (1: constant)")
     ap.add_argument("--landmark-block", type=int, default=32)
     ap.add_argument("--landmark-train-len", type=int, default=L0,
                     help="landmark fine-tune window (plain RoPE; retrieval reads at compressed positions)")
@@ -430,7 +445,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-lengths", default="256,1k,4k")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--passkey-lengths", default="256,4k")
-    ap.add_argument("--trials", type=int, default=20, help="passkey prompts per length")
+    ap.add_argument("--trials", type=int, default=40, help="passkey prompts per length")
     ap.add_argument("--seed", type=int, default=0, help="passkey evaluation seed")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every process (training and evaluation)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "extend_demo_cpu.json"))
@@ -501,9 +516,13 @@ def main(argv=None) -> int:
     res["models"]["original"] = {"eval": evaluate(original, data["eval"], args)}
 
     # 2. extension, 3. evaluation
-    hows = {"yarn": f"YaRN x{TARGET // L0}, {args.steps_yarn} steps at {TARGET} ({args.tokens_4k} tokens/step)",
+    from longctx.train.extend import stage_lengths
+    yarn_lens = stage_lengths(L0, TARGET, args.yarn_per_stage)
+    hows = {"yarn": f"YaRN, {len(yarn_lens)} stage(s) at {', '.join(map(str, yarn_lens))} (factor = length / {L0}), "
+                    f"{args.steps_yarn} steps each ({args.tokens_4k} tokens/step), lr {args.lr_yarn:g} "
+                    f"cosine to x{args.yarn_min_lr_ratio:g}",
             "landmark": f"landmark block {args.landmark_block}, {args.steps_landmark} steps at {args.landmark_train_len}, "
-                        f"plain RoPE; "
+                        f"plain RoPE, lr {args.lr_landmark:g} cosine to x{args.landmark_min_lr_ratio:g}; "
                         f"read with top-{args.retrieval_k} block retrieval beside a local window of "
                         f"{args.retrieval_local} groups",
             "hybrid": f"lightning in layers {args.hybrid_layers} ({args.transfer_steps} transfer steps) + YaRN "
