@@ -24,9 +24,9 @@ Python side of `longctx extend`), and measure perplexity vs length and passkey r
    - landmark: converted (landmark attention in every layer, block --landmark-block), fine-tuned
      --steps-landmark (800) at 256 tokens with plain RoPE (the landmark paper's recipe), lr 1e-3
      cosine to 0.1x (400 steps kept copying in some runs only; at 800 a constant rate read as
-     well), read at 4K through the block retrieval cache (top --retrieval-k 3 blocks per head beside a local window of
-     --retrieval-local 2 groups: with the open group, 6 groups of 33 = 198 positions, inside the
-     256-token window the model was fine-tuned on. The defaults of issue 6 (4 + 4, 297
+     well), read at 4K through the block retrieval cache (top --retrieval-k 3 blocks per head
+     beside a local window of --retrieval-local 2 groups: with the open group, 6 groups of 33 =
+     198 positions, inside the 256-token window the model was fine-tuned on. The defaults of issue 6 (4 + 4, 297
      positions, beyond it) read 50-75% at 4K; figures recorded before 2026-11-28 used them, and
      before 2026-11-27 no window);
    - hybrid: --hybrid-layers become lightning attention (from q/k/v/o, attention transfer), the
@@ -258,12 +258,13 @@ def extend_one(method: str, src: str, work: str, data: Dict[str, str], args) -> 
               f"data.passkey_min_len={args.passkey_min_len}",
               f"train.threads={args.threads}", "train.peak_flops=1e11", "train.log_every=5", "train.plot=false",
               "checkpoint.keep_last=1"]
+    decay = {"yarn": args.yarn_min_lr_ratio, "landmark": args.landmark_min_lr_ratio}.get(method)
+    if decay is not None:  # extend() keeps the rate constant after warm-up unless told otherwise
+        common.append(f"train.min_lr_ratio={decay}")
     kw = dict(data=data["train"], evaluate=False, progress=True, progress_every=30.0, overrides=common)
     if method == "yarn":
-        kw["overrides"] = common + [f"train.min_lr_ratio={args.yarn_min_lr_ratio}"]
         kw.update(steps=args.steps_yarn, lr=args.lr_yarn, tokens_per_step=args.tokens_4k, per_stage=args.yarn_per_stage)
     elif method == "landmark":
-        kw["overrides"] = common + [f"train.min_lr_ratio={args.landmark_min_lr_ratio}"]
         kw.update(steps=args.steps_landmark, lr=args.lr_landmark, tokens_per_step=args.batch * L0,
                   landmark_block=args.landmark_block, train_len=args.landmark_train_len,
                   per_stage=args.landmark_train_len / L0)

@@ -174,10 +174,9 @@ def test_killed_rank_ends_every_other_rank(workdir):
             assert w in lines[0], (w, lines[0])
         # The peers named dead: the victim, and maybe the other survivor, which may have
         # exited (as it should) before this rank looked.
-        named = re.findall(r"rank (\d+) \(pid (\d+)\)", lines[0])
-        pids = {int(k): job.procs[int(k)].pid for k, _ in named}
-        assert (str(victim), str(job.procs[victim].pid)) in named, (victim, lines[0])
-        assert all(int(p) == pids[int(k)] and int(k) in (victim, 3 - r) for k, p in named), lines[0]
+        named = set(re.findall(r"rank (\d+) \(pid (\d+)\)", lines[0]))
+        may_name = {(str(k), str(job.procs[k].pid)) for k in (victim, 3 - r)}
+        assert (str(victim), str(job.procs[victim].pid)) in named and named <= may_name, lines[0]
     print(f"hand-started: both survivors exited 3 {elapsed:.1f} s after rank {victim} was killed")
 
 
